@@ -92,6 +92,9 @@ class Args:
     """T5 prompt length (capped by the tokenizer's own limit)"""
 
     # --- judge (sections 2-3)
+    reward: str = "pairwise"
+    """`pairwise`: win rates from a pairwise judge (Pref-GRPO); `pointwise`: the judge scores each image alone and the
+    scores are z-scored as plain GRPO does (the baseline the paper argues against)"""
     judge_model: str = "toy"
     """`toy` (the offline colour judge), a served model name (with --judge-url) or a hub id / local path of a pairwise
     preference VLM loaded in-process (e.g. CodeGoat24/UnifiedReward-Think-qwen-7b)"""
@@ -163,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             cast = int if kind.startswith("int") else float if kind.startswith("float") else str
             parser.add_argument(name, type=cast, default=f.default, help=docs.get(f.name))
     args = Args(**vars(parser.parse_args(argv)))
+    if args.reward not in ("pairwise", "pointwise"):
+        parser.error("--reward must be pairwise or pointwise")
     if args.group_size < 2:
         parser.error("--group-size must be at least 2: rewards are win rates inside a group")
     if not 0 < args.train_fraction <= 1:
@@ -424,10 +429,19 @@ def toy_judge(prompts, images_a, images_b):
     return probs, {}
 
 
+def toy_scorer(prompts, images):
+    """The pointwise twin of the toy judge: a score per image, 1 - distance / sqrt(3) (1 is the named colour)."""
+    dist = [toy_colour_distance(p, im) for p, im in zip(prompts, images)]
+    return [None if d is None else 1 - d / math.sqrt(3) for d in dist], {}
+
+
 def make_judge(args: Args):
-    """The toy judge, or a real pairwise reward model (server or in-process) from mllm.py."""
+    """The toy judge (or scorer), or a real pairwise reward model (server or in-process) from mllm.py."""
     if args.judge_model == "toy":
-        return toy_judge
+        return toy_scorer if args.reward == "pointwise" else toy_judge
+    if args.reward == "pointwise":
+        raise SystemExit("error: --reward pointwise has only the toy scorer built in; pass train(args, judge=...) "
+                         "a function (prompts, images) -> (scores, info) for another")
     import mllm
 
     try:
@@ -451,6 +465,14 @@ def judge_groups(judge, prompts: list[str], images: list[Image.Image], group_siz
         p = 0.5 if p is None else float(p)
         pref[g, i, j], pref[g, j, i] = p, 1 - p
     return pref, {"judge_pairs": len(pairs), "judge_failed": sum(p is None for p in probs), **info}
+
+
+def score_groups(scorer, prompts: list[str], images: list[Image.Image], group_size: int):
+    """Pointwise baseline: one score per image, (groups, G); a failed score takes its group's mean (zero advantage)."""
+    scores, info = scorer([p for p in prompts for _ in range(group_size)], images)
+    r = torch.tensor([float("nan") if x is None else float(x) for x in scores]).view(len(prompts), group_size)
+    fill = torch.nanmean(r, 1, keepdim=True).nan_to_num(0.0).expand_as(r)
+    return torch.where(r.isnan(), fill, r), {"judge_failed": sum(x is None for x in scores), **info}
 
 
 # ======================================================================================================================
@@ -662,9 +684,13 @@ def held_out(pipe, prompts: list[str], args: Args) -> tuple[list[str], list[Imag
                                guidance=args.guidance, max_sequence_length=args.max_sequence_length)
 
 
-def compare(judge, prompts, before, after) -> dict:
+def compare(judge, prompts, before, after, pointwise: bool = False) -> dict:
     """The judge's win rate of the final policy against the initial one (0.5 = no change), and the toy metric."""
-    probs, _ = judge(prompts, after, before)
+    if pointwise:  # a scorer's verdict on a pair: the higher score wins
+        (s1, _), (s0, _) = judge(prompts, after), judge(prompts, before)
+        probs = [None if a is None or b is None else 0.5 if a == b else float(a > b) for a, b in zip(s1, s0)]
+    else:
+        probs, _ = judge(prompts, after, before)
     out = {"win_rate_final_vs_initial": sum(0.5 if p is None else p for p in probs) / len(probs)}
     d0 = [toy_colour_distance(p, im) for p, im in zip(prompts, before)]
     d1 = [toy_colour_distance(p, im) for p, im in zip(prompts, after)]
@@ -673,14 +699,15 @@ def compare(judge, prompts, before, after) -> dict:
     return out
 
 
-def train(args: Args) -> dict:
+def train(args: Args, judge=None) -> dict:
+    """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward pointwise)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts = load_prompts(args.prompts)
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, device)
-    judge = make_judge(args)
+    judge = judge or make_judge(args)
 
     # Initial policy images for the final comparison, made before any update (and kept on disk for resumed runs).
     eval_dir = run_dir / "eval"
@@ -709,9 +736,12 @@ def train(args: Args) -> dict:
         t1 = time.perf_counter()
         images = decode(pipe, batch["latents"][:, -1], args.resolution)
         t2 = time.perf_counter()
-        pref, judge_info = judge_groups(judge, step_ps, images, args.group_size)      # 2. judge pairs
+        if args.reward == "pairwise":
+            pref, judge_info = judge_groups(judge, step_ps, images, args.group_size)  # 2. judge pairs
+            rewards = win_rates(pref)                                                  # 3. win rates
+        else:
+            rewards, judge_info = score_groups(judge, step_ps, images, args.group_size)
         t3 = time.perf_counter()
-        rewards = win_rates(pref)                                                      # 3. win rates
         adv = group_advantages(rewards, args.adv_clip).flatten()                       # 4. advantages
         stats = train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)  # 5. loss + update
         t4 = time.perf_counter()
@@ -723,9 +753,10 @@ def train(args: Args) -> dict:
                    "skipped_groups": int(zero.sum()), "trained_steps": len(batch["trained"]), **stats, **judge_info,
                    "time_sample": t1 - t0, "time_decode": t2 - t1, "time_judge": t3 - t2, "time_train": t4 - t3,
                    "images_per_s": len(images) / (t4 - t0), "peak_mem_gb": peak_memory_gb(device)}
-        if judge is toy_judge:
-            metrics["colour_distance"] = sum(toy_colour_distance(p, im) for p, im in
-                                             zip([p for p in step_ps for _ in range(args.group_size)], images)) / len(images)
+        if args.judge_model == "toy":  # the demo's ground truth, when every prompt names a colour
+            dist = [toy_colour_distance(p, im) for p, im in zip([p for p in step_ps for _ in range(args.group_size)], images)]
+            if None not in dist:
+                metrics["colour_distance"] = sum(dist) / len(dist)
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.set_postfix(reward_std=f"{metrics['reward_group_std']:.3f}", loss=f"{stats['loss']:.2e}",
@@ -739,9 +770,12 @@ def train(args: Args) -> dict:
     if args.eval_seeds:
         ps, after = held_out(pipe, prompts, args)
         before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(ps))]
+        (eval_dir / "after").mkdir(exist_ok=True)
+        for k, im in enumerate(after):
+            im.save(eval_dir / "after" / f"{k:04d}.png")
         save_grid([im for pair in zip(before, after) for im in pair], [f"{p} (before | after)" for p in ps], 2,
                   eval_dir / "before_after.png")
-        result = compare(judge, ps, before, after)
+        result = compare(judge, ps, before, after, pointwise=args.reward == "pointwise")
         (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"held-out ({len(ps)} images, seeds never trained on): judge win rate of final vs initial policy "
               f"{result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")

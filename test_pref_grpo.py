@@ -339,3 +339,15 @@ def test_missing_inputs_give_one_line_errors_on_the_command_line(tmp_path):
                            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
         assert r.returncode != 0 and message in r.stderr
         assert "Traceback" not in r.stderr and len([l for l in r.stderr.splitlines() if "error" in l]) == 1
+
+
+def test_pointwise_baseline_scores_groups_and_fills_failures_with_the_group_mean(tmp_path):
+    imgs = [Image.new("RGB", (2, 2), c) for c in [(255, 0, 0), (0, 0, 255), (128, 0, 0), (0, 0, 0)]]
+    rewards, info = pg.score_groups(pg.toy_scorer, ["a red car", "a car"], imgs, 2)
+    d = [0.0, math.sqrt(2)]
+    assert torch.allclose(rewards[0], torch.tensor([1 - d[0] / math.sqrt(3), 1 - d[1] / math.sqrt(3)]))
+    assert torch.equal(rewards[1], torch.zeros(2)) and info["judge_failed"] == 2  # no colour named: no score
+    assert torch.equal(pg.group_advantages(rewards)[1], torch.zeros(2))
+    result = pg.train(tiny_args(tmp_path, "--train-steps", "1", "--reward", "pointwise", "--eval-seeds", "1"))
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["reward_mean"] != pytest.approx(0.5) and 0 <= result["win_rate_final_vs_initial"] <= 1
