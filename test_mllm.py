@@ -5,10 +5,14 @@ import io
 import json
 import logging
 import math
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +391,47 @@ def test_load_local_vlm_roundtrip(tiny, tmp_path):
     expected, _ = mllm.make_pairwise_judge("tiny", mode="logits", vlm=tiny)(*args)
     got, _ = mllm.make_pairwise_judge(str(tmp_path), mode="logits", device="cpu")(*args)
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- the trainer's view
+
+def test_training_against_a_flaky_judge_server_goes_on_and_counts_failures(tmp_path):
+    """pref_grpo.py trains through the real HTTP judge; a server that answers garbage for some pairs costs ties, not
+    the run."""
+    import pref_grpo as pg
+
+    calls = []
+
+    def flaky_redder_wins(caption, first, second, payload):
+        calls.append(1)
+        if len(calls) % 5 == 0:
+            return chat_reply("I cannot decide.")  # off-format: a failed judgment
+        redness = [c[0] - (c[1] + c[2]) / 2 for c in (first, second)]
+        return chat_reply(verdict_text(1 if redness[0] >= redness[1] else 2))
+
+    srv = ScriptedServer(reply=flaky_redder_wins)
+    try:
+        args = pg.parse_args(["--output-dir", str(tmp_path), "--resolution", "16", "--sample-steps", "2",
+                              "--prompts-per-step", "1", "--group-size", "3", "--train-steps", "2", "--eval-seeds", "0",
+                              "--judge-url", srv.url, "--judge-model", MODEL, "--judge-workers", "4",
+                              "--judge-timeout", "5", "--judge-retries", "1"])
+        pg.train(args)
+    finally:
+        srv.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and len(calls) == 2 * 3 * 2  # 3 pairs per group, both orders, 2 steps
+    assert sum(m["judge_invalid"] for m in lines) == len(calls) // 5
+    assert all(m["judge_pairs"] == 3 and m["reward_mean"] == pytest.approx(0.5) for m in lines)
+    assert (tmp_path / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_trainer_with_a_dead_judge_server_stops_at_start_with_one_line(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "pref_grpo.py", "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model",
+                        MODEL, "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent, env={**os.environ, "OPENAI_API_KEY": "sk-secret-123"})
+    assert r.returncode != 0 and "not reachable" in r.stderr and "Traceback" not in r.stderr
+    assert "sk-secret-123" not in r.stderr + r.stdout
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error")]) == 1
