@@ -216,12 +216,23 @@ def tiny_tokenizer(max_length: int):
                                    model_max_length=max_length)
 
 
-def tiny_vae():
-    """A 2-level VAE with 4 latent channels. A random decoder maps every latent to about the same brownish noise: make it
-    close to linear instead (residual blocks start as identity, a flat output norm with a matching output gain), so
-    the latent's colour reaches the pixels."""
-    from diffusers import AutoencoderKL
+def tiny_pipeline(model: str = "tiny", seed: int = 0):
+    """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
+    2-level VAE with 4 latent channels, CLIP (SD3: two, pooled and concatenated) and T5. FLUX: packed latents and a
+    guidance embedding; SD3: (B, C, H, W) latents patchified inside the transformer, SD3.5's second attention and
+    qk-norm. A random VAE decoder maps every latent to about the same brownish noise: make it close to linear instead
+    (residual blocks start as identity, a flat output norm with a matching gain), so the latent's colour shows."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    torch.manual_seed(seed)
+    vocab, sd3 = len(tiny_tokenizer(8)), model == "tiny-sd3"
+    clip = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, projection_dim=32, max_position_embeddings=16, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=1)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64 if sd3 else 32, d_kv=16, d_ff=64, num_layers=2,
+                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # SD3: >= 2x32
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
@@ -232,57 +243,23 @@ def tiny_vae():
                 p.zero_()
         vae.decoder.conv_norm_out.weight.fill_(0.3)
         vae.decoder.conv_out.weight.mul_(1 / 0.3)
-    return vae
-
-
-def tiny_clip(vocab: int, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, projection_dim=32, max_position_embeddings=16, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=1)
-    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
-
-
-def tiny_t5(vocab: int, d_model: int):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-
-
-def tiny_flux(seed: int = 0):
-    """FLUX's architecture at toy size (16-channel packed latents, 2 blocks, a 2-level VAE), random weights."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    vocab = len(tiny_tokenizer(8))
-    clip, t5 = tiny_clip(vocab), tiny_t5(vocab, 32)
+    parts = dict(vae=vae, tokenizer=tiny_tokenizer(16), tokenizer_2=tiny_tokenizer(16))
+    if sd3:
+        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                            joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
+                                            dual_attention_layers=(0,), qk_norm="rms_norm")
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder_3=t5,
+            text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
+            tokenizer_3=tiny_tokenizer(16), **parts)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=tiny_vae(), text_encoder=clip, tokenizer=tiny_tokenizer(16),
-                        text_encoder_2=t5, tokenizer_2=tiny_tokenizer(16), transformer=transformer)
-
-
-def tiny_sd3(seed: int = 0):
-    """SD3.5's architecture at toy size: (B, C, H, W) latents patchified inside the transformer, 2 joint blocks (SD3.5's
-    second attention and qk-norm), CLIP-L + CLIP-G (pooled, concatenated) + T5 text, no guidance embedding."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    torch.manual_seed(seed)
-    vocab = len(tiny_tokenizer(8))
-    clip_l, clip_g, t5 = tiny_clip(vocab, True), tiny_clip(vocab, True), tiny_t5(vocab, 64)  # T5 width >= 32 + 32
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
-                                        dual_attention_layers=(0,), qk_norm="rms_norm")
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(),
-        text_encoder=clip_l, tokenizer=tiny_tokenizer(16), text_encoder_2=clip_g, tokenizer_2=tiny_tokenizer(16),
-        text_encoder_3=t5, tokenizer_3=tiny_tokenizer(16))
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, text_encoder=CLIPTextModel(clip),
+                        text_encoder_2=t5, **parts)
 
 
 def is_sd3(pipe) -> bool:
@@ -295,7 +272,7 @@ def load_pipeline(model: str, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("tiny", "tiny-sd3"):
-        pipe = tiny_flux() if model == "tiny" else tiny_sd3()
+        pipe = tiny_pipeline(model)
     else:
         from diffusers import DiffusionPipeline
 
@@ -664,15 +641,6 @@ def gather(t: torch.Tensor, device) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def broadcast(obj):
-    """Rank 0's value of a small Python object, on every process."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def sum_gradients(params: list[torch.nn.Parameter]) -> None:
     """Replicated (LoRA) weights: sum the gradients of all processes, in one flat all-reduce."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -953,7 +921,10 @@ def train(args: Args, judge=None) -> dict:
     main, sharded, per_rank = rank == 0, args.full and world > 1, args.prompts_per_step // world
     prompts = load_prompts(args.prompts)
     ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = Path(broadcast(str(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))))
+    run_dir = [str(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))]
+    if world > 1:  # rank 0's clock names a new run
+        dist.broadcast_object_list(run_dir, src=0)
+    run_dir = Path(run_dir[0])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, device)
@@ -1014,8 +985,9 @@ def train(args: Args, judge=None) -> dict:
                    "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"]}
         if args.judge_model == "toy":  # the demo's ground truth, when every prompt names a colour
             dists = [toy_colour_distance(p, im) for p, im in zip([p for p in mine for _ in range(args.group_size)], images)]
-            if None not in dists:
-                metrics["colour_distance"] = gather(torch.tensor(dists), device).mean().item()
+            dists = gather(torch.tensor([math.nan if d is None else d for d in dists]), device)
+            if not dists.isnan().any():
+                metrics["colour_distance"] = dists.mean().item()
         if main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
