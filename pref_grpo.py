@@ -17,8 +17,8 @@ Launch:
   python pref_grpo.py --model black-forest-labs/FLUX.1-dev --prompts train_prompt.txt \\
       --judge-url http://localhost:8080/v1 --judge-model UnifiedReward-Think \\
       --resolution 720 --sample-steps 25 --group-size 8 --lr 1e-5 --lora-rank 64 --lora-alpha 128   # paper setup
-  python pref_grpo.py --model tiny-sd3 --cfg-scale 4.5 # the same loop on a tiny random SD3.5
-  torchrun --nproc_per_node 8 pref_grpo.py ...          # the same file on 8 GPUs (DDP-style; FSDP2 with --full)
+  python pref_grpo.py --model tiny-sd3 --cfg-scale 4.5  # the same loop on a tiny random SD3.5
+  torchrun --nproc_per_node 8 pref_grpo.py ...          # the same file on 8 GPUs (whole groups per GPU; --full: FSDP2)
   python pref_grpo.py --help                            # every flag with its docstring
 """
 
@@ -231,8 +231,9 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
     clip = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, projection_dim=32, max_position_embeddings=16, pad_token_id=0,
                           bos_token_id=1, eos_token_id=1)
+    # SD3 lays the two CLIPs' token features side by side and pads them to T5's width: T5 must be >= 2 x 32 wide
     t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64 if sd3 else 32, d_kv=16, d_ff=64, num_layers=2,
-                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))  # SD3: >= 2x32
+                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
@@ -282,6 +283,8 @@ def load_pipeline(model: str, device=None, dtype=None):
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
         except (OSError, ValueError) as err:  # missing files, bad repo id, no network: one line, not a traceback
             raise SystemExit(f"error: cannot load model {model!r}: {str(err).splitlines()[0]}") from None
+        if not type(pipe).__name__.startswith(("Flux", "StableDiffusion3")):
+            raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
     pipe.to(device)  # dtype was set at load time (from_pretrained keeps the modules that must stay float32)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
@@ -706,7 +709,7 @@ def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[s
 def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank: int = 0) -> Path | None:
     """Written by rank 0 to a temporary directory and renamed into place, so a kill mid-write never leaves a broken
     checkpoint. LoRA in diffusers' format (the pipeline's load_lora_weights reads it); --full: the whole transformer
-    (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by parameter name."""
+    (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name."""
     if args.full:  # a collective under FSDP: every process takes part, rank 0 receives the unsharded tensors
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -829,7 +832,7 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, trained:
         return {**sums, "grad_norm": 0.0, "skipped_update": 1}
     chunks = list(keep.split(args.train_batch_size or max(len(keep), 1)))
     sharded = args.full and world_size() > 1
-    if sharded:  # FSDP gathers the weights inside each forward: every process must run as many passes (pad with empties)
+    if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes (pad with empties)
         chunks += [keep[:0]] * (int(all_reduce({"n": len(chunks)}, dev, "max")["n"]) - len(chunks))
     pipe.transformer.train()
     for j in trained:
@@ -862,6 +865,7 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, trained:
 
 
 def group_seed(seed: int, step: int, group: int) -> int:
+    """A seed for one group of one step, hashed so that nearby (seed, step, group) triples give unrelated streams."""
     return int(np.random.SeedSequence([seed, step, group]).generate_state(1)[0])
 
 
@@ -870,7 +874,8 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
     draws all its noise from its own generator, keyed by (seed, step, global group index): processes sample different
     images, and a group's images do not depend on how many processes share the step."""
     G, n = args.group_size, len(prompts) * args.group_size
-    gens = [torch.Generator(device).manual_seed(group_seed(args.seed, step, first_group + g)) for g in range(len(prompts))]
+    groups = range(first_group, first_group + len(prompts))  # global group indices
+    gens = [torch.Generator(device).manual_seed(group_seed(args.seed, step, g)) for g in groups]
     seq_len, img_ids = latent_geometry(pipe, args.resolution)
     sigmas = sigma_schedule(pipe, args.sample_steps, seq_len, args.shift)
     sde_mask, trained = step_plan(args.sample_steps, args.sde_window, args.train_fraction,  # same on every process
@@ -910,8 +915,8 @@ def compare(judge, prompts, before, after, pointwise: bool = False) -> dict:
 
 
 def train(args: Args, judge=None) -> dict:
-    """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward pointwise).
-    Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
+    """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
+    pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world:
         raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per step over "
@@ -951,7 +956,8 @@ def train(args: Args, judge=None) -> dict:
               f"{world} process(es){', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge {args.judge_model} "
               f"| steps {start}->{args.train_steps}")
 
-    bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo", disable=not main)
+    bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",
+               disable=not main)
     for step in bar:
         t0 = time.perf_counter()
         step_ps = step_prompts(prompts, step, args.prompts_per_step, args.seed)  # the global list, same everywhere
@@ -984,7 +990,7 @@ def train(args: Args, judge=None) -> dict:
                    "images_per_s": len(images) * world / (t4 - t0),
                    "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"]}
         if args.judge_model == "toy":  # the demo's ground truth, when every prompt names a colour
-            dists = [toy_colour_distance(p, im) for p, im in zip([p for p in mine for _ in range(args.group_size)], images)]
+            dists = [toy_colour_distance(mine[k // args.group_size], im) for k, im in enumerate(images)]
             dists = gather(torch.tensor([math.nan if d is None else d for d in dists]), device)
             if not dists.isnan().any():
                 metrics["colour_distance"] = dists.mean().item()
