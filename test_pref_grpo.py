@@ -305,6 +305,106 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     assert pg.find_checkpoint(str(tmp_path)).name == "step-000002"
 
 
+def test_each_group_draws_its_own_noise_whatever_the_batch(pipe):
+    """Noise is keyed by (seed, step, global group index): process 1 sampling group 2 alone gets the images that one
+    process sampling all groups gets, and the same prompt in another group gets other noise."""
+    args = pg.parse_args(["--resolution", "32", "--sample-steps", "4", "--group-size", "2"])
+    ps = ["a red apple", "a red car", "a red apple"]
+    whole = pg.sample_batch(pipe, ps, 3, args, torch.device("cpu"))
+    alone = pg.sample_batch(pipe, ps[2:], 3, args, torch.device("cpu"), first_group=2)
+    assert torch.allclose(whole["latents"][4:], alone["latents"], atol=1e-5)
+    assert whole["trained"] == alone["trained"]  # every process trains the same sampling steps
+    assert (whole["latents"][:2, 0] - whole["latents"][4:, 0]).abs().mean() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL to the base model (--kl-beta)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_gaussian_kl_is_the_closed_form_averaged_over_elements():
+    m, mb = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, 0.3), torch.distributions.Normal(mb, 0.3))
+    assert torch.allclose(pg.gaussian_kl(m, mb, 0.3), ref.mean(dim=(1, 2)), atol=1e-6)
+
+
+def test_kl_to_base_zero_untouched_positive_after_an_update_and_its_gradient_reduces_it():
+    args = pg.parse_args(["--resolution", "32", "--sample-steps", "4", "--group-size", "3", "--kl-beta", "1"])
+    p = pg.load_pipeline("tiny", "cpu")
+    params = pg.trainable_parameters(p, args)
+    batch = pg.sample_batch(p, ["a red apple"], 0, args, torch.device("cpu"))
+    idx, j = torch.arange(3), batch["trained"][0]
+
+    def kl():
+        _, mean, std = pg.transition(p, batch, idx, j, args)
+        with torch.no_grad(), pg.adapters_off(p.transformer):
+            base_mean = pg.transition(p, batch, idx, j, args)[1]
+        return pg.gaussian_kl(mean, base_mean, std).mean()
+
+    assert kl().item() == 0  # LoRA's B starts at zero: the policy is the base model
+    stats = pg.train_step(p, params, torch.optim.AdamW(params, lr=1e-2), batch, torch.tensor([1.0, 0.0, -1.0]),
+                          batch["trained"], args)
+    assert stats["kl"] == 0 and stats["skipped_update"] == 0 and all(q.requires_grad for q in params)
+    before = kl()
+    assert before.item() > 0
+    before.backward()
+    with torch.no_grad():  # a small gradient step on the KL alone
+        for q in params:
+            q -= 1e-2 * q.grad
+    assert kl().item() < before.item()
+
+
+def test_kl_with_full_fine_tuning_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        pg.parse_args(["--full", "--kl-beta", "0.1"])
+    assert "--kl-beta needs LoRA" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SD3 (tiny-sd3): same loop, its own text encoding, latent layout, timestep scale and CFG
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd3():
+    return pg.load_pipeline("tiny-sd3", "cpu")
+
+
+def test_sd3_deterministic_sampler_with_and_without_cfg_equals_the_stock_sd3_pipeline(sd3):
+    noise = pg.initial_noise(sd3, 1, 32, torch.Generator().manual_seed(7))
+    ours = {}
+    for cfg in (1.0, 4.5):
+        ours[cfg] = pg.generate_images(sd3, ["a red apple"], [7], steps=4, resolution=32, cfg_scale=cfg)[0]
+        stock = sd3(["a red apple"], latents=noise, height=32, width=32, num_inference_steps=4, guidance_scale=cfg,
+                    sigmas=list(np.linspace(1.0, 1 / 4, 4)), max_sequence_length=16).images[0]
+        assert np.abs(np.asarray(ours[cfg], dtype=int) - np.asarray(stock, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(ours[1.0]), np.asarray(ours[4.5]))
+
+
+def test_sd3_on_policy_ratio_is_exactly_one_with_cfg(sd3):
+    args = pg.parse_args(["--model", "tiny-sd3", "--cfg-scale", "4.5", "--resolution", "32", "--sample-steps", "4",
+                          "--group-size", "3"])
+    batch = pg.sample_batch(sd3, ["a red apple", "a blue car"], 5, args, torch.device("cpu"))
+    assert batch["latents"].shape == (6, 5, 4, 16, 16)  # (images, T + 1, C, H, W): SD3 latents stay unpacked
+    for j in range(4):
+        lp, _, _ = pg.transition(sd3, batch, torch.arange(6), j, args)
+        assert torch.equal(torch.exp(lp - batch["log_probs"][:, j]), torch.ones(6))
+
+
+def test_sd3_training_step_and_its_lora_loads_into_a_stock_sd3_pipeline(tmp_path):
+    args = tiny_args(tmp_path, "--model", "tiny-sd3", "--cfg-scale", "4.5", "--train-steps", "1", "--lr", "3e-2")
+    pg.train(args)
+    m = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert m["ratio"] == pytest.approx(1.0) and m["grad_norm"] > 0 and m["skipped_update"] == 0
+    ckpt = tmp_path / "checkpoints" / "step-000001"
+    trained = pg.load_pipeline("tiny-sd3", "cpu")
+    opt = torch.optim.AdamW(pg.trainable_parameters(trained, args))
+    pg.load_checkpoint(ckpt, trained, opt, args)
+    fresh = pg.load_pipeline("tiny-sd3", "cpu")
+    base = pg.generate_images(fresh, ["a red apple"], [1], steps=4, resolution=32)[0]
+    fresh.load_lora_weights(str(ckpt))  # StableDiffusion3Pipeline's stock loader
+    ours = pg.generate_images(trained, ["a red apple"], [1], steps=4, resolution=32)[0]
+    stock = pg.generate_images(fresh, ["a red apple"], [1], steps=4, resolution=32)[0]
+    assert np.abs(np.asarray(ours, dtype=int) - np.asarray(stock, dtype=int)).max() <= 1
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(stock, dtype=int)).max() > 1  # training changed something
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------------------------------
