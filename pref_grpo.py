@@ -421,7 +421,8 @@ def velocity(pipe, x, sigma: float, cond: dict, img_ids, guidance: float, cfg_sc
         both = {**cond, **{k: torch.cat([cond["neg"][k].expand_as(cond[k]), cond[k]]) for k in ("embeds", "pooled")}}
         v_neg, v_pos = velocity(pipe, torch.cat([x, x]), sigma, both, img_ids, guidance).chunk(2)
         return v_neg + cfg_scale * (v_pos - v_neg)
-    kwargs = dict(hidden_states=x.to(transformer.dtype), pooled_projections=cond["pooled"],
+    # The text embeddings carry the pipeline's dtype; transformer.dtype would walk every submodule on each call.
+    kwargs = dict(hidden_states=x.to(cond["embeds"].dtype), pooled_projections=cond["pooled"],
                   encoder_hidden_states=cond["embeds"], return_dict=False)
     with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
         if is_sd3(pipe):
@@ -932,8 +933,8 @@ def train(args: Args, judge=None) -> dict:
     run_dir = Path(run_dir[0])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    judge = judge or make_judge(args)  # before the (slow) model load: a dead reward server fails at once
     pipe = load_pipeline(args.model, device)
-    judge = judge or make_judge(args)
 
     # Initial policy images for the final comparison, made before any update (and kept on disk for resumed runs).
     eval_dir = run_dir / "eval"
