@@ -238,12 +238,14 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0, scaling_factor=1.0)
+    # A random decoder maps every latent to about the same brownish noise. Make it close to linear instead (residual
+    # blocks start as identity, a flat output norm, a strong output gain), so a latent's colour reaches the pixels.
     with torch.no_grad():
         for name, p in vae.decoder.named_parameters():
             if ("resnets" in name and "conv2" in name) or ("attentions" in name and "to_out" in name):
                 p.zero_()
         vae.decoder.conv_norm_out.weight.fill_(0.3)
-        vae.decoder.conv_out.weight.mul_(1 / 0.3)
+        vae.decoder.conv_out.weight.mul_(20.0)  # 0.3 x 20 = 6: strong enough to reach saturated colours
     parts = dict(vae=vae, tokenizer=tiny_tokenizer(16), tokenizer_2=tiny_tokenizer(16))
     if sd3:
         transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
@@ -790,14 +792,15 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
 
 
 def save_grid(images: list[Image.Image], prompts: list[str], columns: int, path: Path) -> None:
-    """One row per prompt, with the prompt written above the row."""
-    w, h, cap = images[0].width, images[0].height, 14
+    """One row per prompt, with the prompt written above the row (tiny images are enlarged so the text fits)."""
+    scale = max(1, 128 // images[0].width)
+    w, h, cap = images[0].width * scale, images[0].height * scale, 14
     grid = Image.new("RGB", (w * columns, (h + cap) * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for r, prompt in enumerate(prompts):
         draw.text((2, r * (h + cap) + 1), prompt[:120], fill="black")
         for c in range(columns):
-            grid.paste(images[r * columns + c], (c * w, r * (h + cap) + cap))
+            grid.paste(images[r * columns + c].resize((w, h), Image.NEAREST), (c * w, r * (h + cap) + cap))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -1013,8 +1016,9 @@ def train(args: Args, judge=None) -> dict:
         (eval_dir / "after").mkdir(exist_ok=True)
         for k, im in enumerate(after):
             im.save(eval_dir / "after" / f"{k:04d}.png")
-        save_grid([im for pair in zip(before, after) for im in pair], [f"{p} (before | after)" for p in ps], 2,
-                  eval_dir / "before_after.png")
+        S = args.eval_seeds  # one row per prompt: its held-out seeds before training, then after
+        save_grid([im for k in range(0, len(ps), S) for im in before[k:k + S] + after[k:k + S]],
+                  [f"{p}: {S} before | {S} after" for p in ps[::S]], 2 * S, eval_dir / "before_after.png")
         result = compare(judge, ps, before, after, pointwise=args.reward == "pointwise")
         (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"held-out ({len(ps)} images, seeds never trained on): judge win rate of final vs initial policy "
