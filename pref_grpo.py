@@ -220,8 +220,8 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
     """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
     2-level VAE with 4 latent channels, CLIP (SD3: two, pooled and concatenated) and T5. FLUX: packed latents and a
     guidance embedding; SD3: (B, C, H, W) latents patchified inside the transformer, SD3.5's second attention and
-    qk-norm. A random VAE decoder maps every latent to about the same brownish noise: make it close to linear instead
-    (residual blocks start as identity, a flat output norm with a matching gain), so the latent's colour shows."""
+    qk-norm. A random VAE decoder maps every latent to nearly the same colour: make it close to linear instead
+    (residual blocks start as identity, a flat output norm, a strong output gain), so the latent's colour shows."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -238,8 +238,6 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0, scaling_factor=1.0)
-    # A random decoder maps every latent to about the same brownish noise. Make it close to linear instead (residual
-    # blocks start as identity, a flat output norm, a strong output gain), so a latent's colour reaches the pixels.
     with torch.no_grad():
         for name, p in vae.decoder.named_parameters():
             if ("resnets" in name and "conv2" in name) or ("attentions" in name and "to_out" in name):
