@@ -1,50 +1,64 @@
 """Pref-GRPO: online RL for flow-matching text-to-image models with a pairwise preference reward (arXiv 2508.20751).
 
-One training step, in the order of this file:
+One training round, in the order of this file:
   1. Sample a group of G images per prompt with an SDE version of the flow sampler, keeping each step's log-prob.
-  2. Judge every pair of images inside a group with a pairwise preference model: P(image a beats image b).
+  2. Judge pairs of images inside each group with a pairwise preference model (UnifiedReward-Think).
   3. Reward = each image's win rate inside its group (a tie counts half).
-  4. Advantage = z-score of the win rates inside the group, clamped.
-  5. Loss = PPO-style clipped ratio on the per-step log-probs of a random subset of the sampling steps.
+  4. Advantage = z-score of the win rates inside the group (optionally plus a z-scored CLIP score), clamped.
+  5. Loss = PPO-style clipped ratio on the per-step log-probs of a random subset of each trajectory's steps.
 
 Why pairwise: a pointwise reward model gives the images of a group scores that differ by tiny amounts; z-scoring
 blows those gaps up into large "illusory" advantages that the policy learns to exploit. Win rates spread over [0, 1]
 and keep their meaning.
 
 Launch:
-  python pref_grpo.py                                   # offline demo: tiny random FLUX, toy colour judge, CPU, minutes
-  python pref_grpo.py --resume runs/RUN                 # continue a run from its latest checkpoint
-  python pref_grpo.py --model black-forest-labs/FLUX.1-dev --prompts train_prompt.txt \\
-      --judge-url http://localhost:8080/v1 --judge-model UnifiedReward-Think \\
-      --resolution 720 --sample-steps 25 --group-size 8 --lr 1e-5 --lora-rank 64 --lora-alpha 128   # paper setup
-  python pref_grpo.py --model tiny-sd3 --cfg-scale 4.5  # the same loop on a tiny random SD3.5
-  torchrun --nproc_per_node 8 pref_grpo.py ...          # the same file on 8 GPUs (whole groups per GPU; --full: FSDP2)
-  python pref_grpo.py --help                            # every flag with its docstring
+  python pref_grpo.py                                 # offline demo: a tiny FLUX pretrained on a toy world of shapes
+                                                      # (toy_world.py beside this file), CPU, minutes
+  python pref_grpo.py --model tiny --train-steps 2    # smoke test: a tiny random FLUX, seconds, this file alone
+  vllm serve CodeGoat24/UnifiedReward-Think-qwen-7b --served-model-name UnifiedReward --port 8080 \\
+      --limit-mm-per-prompt '{"image": 2}'            # the reward model, on GPUs of its own
+  torchrun --nproc_per_node 8 pref_grpo.py --preset pref-grpo-flux-lora --prompts train_prompt.txt \\
+      --judge-url http://localhost:8080/v1            # the official LoRA recipe on FLUX.1-dev, one prompt per GPU
+  python pref_grpo.py --resume runs/RUN               # continue a run from its latest checkpoint
+  python pref_grpo.py --help                          # every flag, grouped, with its default
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import base64
 import contextlib
 import dataclasses
+import http.client
 import inspect
+import io
 import json
+import logging
 import math
 import os
+import random
 import re
 import resource
 import shutil
 import sys
 import time
+import typing
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+# transformers warns on every start that torchvision is missing and it uses its PIL image processors instead: nothing a
+# user must act on (the PIL path is the one these scripts use).
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
 
 # ======================================================================================================================
@@ -53,181 +67,592 @@ from tqdm.auto import tqdm
 @dataclass
 class Args:
     # --- model and data
-    model: str = "tiny"
-    """hub id or local path of a FLUX or SD3 pipeline (black-forest-labs/FLUX.1-dev is the paper's; Flow-GRPO trains
-    stabilityai/stable-diffusion-3.5-medium), or `tiny` / `tiny-sd3`: a small FLUX / SD3.5 with random weights built
-    from configs, offline, in a second"""
+    model: str = "toy"
+    """a FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or local
+    folder; `toy`: the demo's tiny FLUX pretrained on a world of shapes (needs toy_world.py); `tiny` / `tiny-sd3`: a
+    small random FLUX / SD3.5 built in a second (smoke tests)"""
+    preset: str | None = None
+    """set every value of an official recipe at once (see PRESETS); flags given on the command line override it;
+    default: `demo` for --model toy/tiny, none otherwise"""
     prompts: str | None = None
-    """training prompts: a .txt file (one prompt a line) or a .jsonl file with a "prompt" field; default: the built-in
-    colour prompts of the offline demo"""
+    """training prompts: a .txt file (one a line) or a .jsonl file with a "prompt" field; default: the toy world's"""
+    eval_prompts: str | None = None
+    """held-out prompts for --eval-every and the final comparison (same formats); default: the toy world's held-out
+    prompts, or the first --eval-count training prompts (then only the seeds are unseen)"""
     output_dir: str | None = None
-    """where metrics, sample grids and checkpoints go (default: runs/<date-time>)"""
+    """where args.json, metrics.jsonl, sample grids, evaluations and checkpoints go (default: runs/<date-time>)"""
     resume: str | None = None
-    """a run directory (continue from its latest checkpoint) or one checkpoint directory; flags come from the command line"""
+    """a run folder (continue from its latest checkpoint, with its args.json) or one checkpoint folder"""
     seed: int = 0
-    """every random draw (prompts, noise, trained steps) is a function of (seed, step), so a resumed run repeats exactly"""
+    """every random draw is a function of (seed, step, group), so a resumed run repeats an uninterrupted one exactly"""
     device: str | None = None
-    """cuda, cpu, ... (default: cuda when available)"""
+    """cuda, cuda:1, cpu, ... (default: cuda when available)"""
 
-    # --- sampling (section 1)
-    train_steps: int = 120
-    """number of optimizer steps (one round of sampling, judging and training each)"""
-    prompts_per_step: int = 4
-    """distinct prompts sampled per step over ALL processes (a multiple of their number); each gets a group of
-    --group-size images, and each process samples, judges and trains whole groups"""
+    # --- sampling
+    train_steps: int = 300
+    """sampling rounds (each: sample, judge, then --accum-sized optimizer updates)"""
+    prompts_per_step: int = 0
+    """prompts per round over ALL processes (a multiple of their number), a group of --group-size images each; each
+    process samples, judges and trains whole groups. 0: one prompt per process, as the official runs"""
     group_size: int = 8
     """G: images per prompt; rewards and advantages are computed inside each group"""
-    sample_steps: int = 8
-    """denoising steps of the sampler (paper: 25)"""
-    resolution: int = 16
-    """image height and width in pixels (paper: 720)"""
+    sample_steps: int = 25
+    """denoising steps of the sampler"""
+    resolution: int = 720
+    """image height and width in pixels (a multiple of the model's latent patch: 16 for FLUX.1-dev)"""
     guidance: float = 3.5
     """FLUX.1-dev's distilled guidance embedding (no true classifier-free guidance needed); SD3 has none"""
     cfg_scale: float = 1.0
-    """true classifier-free guidance, v = v_empty + s (v_prompt - v_empty), in sampling AND training forwards (doubles
+    """true classifier-free guidance v = v_empty + s (v_prompt - v_empty) in sampling AND training forwards (doubles
     their batch); 1 = off (FLUX.1-dev); Flow-GRPO uses 4.5 for SD3.5"""
     eta: float = 0.7
-    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma)); 0 gives the deterministic Euler sampler"""
-    shift: float | None = None
-    """fixed flow shift for the sigma schedule; default: the resolution-dependent shift that FLUX's scheduler computes"""
+    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma)); must be > 0 (the log-probs need noise)"""
+    shift: float | None = 3.0
+    """fixed flow shift of the sigma schedule (official: 3); none: the resolution-dependent shift of FLUX's scheduler"""
     same_noise: bool = True
     """all images of a group start from the same initial noise (the SDE noise alone makes them differ)"""
     sde_window: int = 0
     """if > 0, use the SDE only on a random window of this many consecutive steps and deterministic Euler elsewhere
     (MixGRPO / Flow-GRPO-Fast); only window steps are trained. 0: SDE on every step"""
     train_fraction: float = 0.6
-    """fraction of the SDE transitions of each trajectory that get a training forward/backward"""
-    max_sequence_length: int = 0
-    """T5 prompt length (capped by the tokenizer's own limit); 0: the pipeline's default (FLUX 512, SD3 256)"""
+    """fraction of each trajectory's transitions (the last one excluded) that get a training pass, drawn afresh for
+    every trajectory (official: 14 of 24)"""
+    max_sequence_length: int = 512
+    """T5 prompt length in tokens (capped by the tokenizer's own limit)"""
 
-    # --- judge (sections 2-3)
-    reward: str = "pairwise"
-    """`pairwise`: win rates from a pairwise judge (Pref-GRPO); `pointwise`: the judge scores each image alone and the
-    scores are z-scored as plain GRPO does (the baseline the paper argues against)"""
-    judge_model: str = "toy"
-    """`toy` (the offline colour judge), a served model name (with --judge-url) or a hub id / local path of a pairwise
-    preference VLM loaded in-process (e.g. CodeGoat24/UnifiedReward-Think-qwen-7b)"""
+    # --- judge
+    reward: Literal["pairwise", "pointwise"] = "pairwise"
+    """`pairwise`: win rates from a pairwise judge (Pref-GRPO); `pointwise`: a scorer's scores z-scored as plain GRPO
+    does (the baseline the paper argues against; built in: the `colour` scorer)"""
+    judge_model: str | None = None
+    """a served model name (with --judge-url; official: UnifiedReward), a hub id / folder of a pairwise VLM loaded in
+    this process (CodeGoat24/UnifiedReward-Think-qwen-7b), `toy` (the toy world's checker) or `colour` (prefers the
+    colour a prompt names); default: toy for --model toy, colour for tiny models, UnifiedReward otherwise"""
     judge_url: str | None = None
-    """OpenAI-compatible endpoint of the reward server, e.g. http://localhost:8080/v1 (vLLM, SGLang, ...)"""
-    judge_mode: str = "generate"
+    """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1 (vLLM, SGLang, ...)"""
+    judge_mode: Literal["generate", "logits"] = "generate"
     """`generate`: reasoning then verdict, as the model was trained; `logits`: one forward pass reading P(image 1) vs
-    P(image 2) after a fixed answer prefix"""
-    judge_both_orders: bool = True
-    """judge every pair as (A, B) and (B, A) and average, cancelling the judge's position bias"""
+    P(image 2) after a fixed answer prefix (no reasoning, soft preferences)"""
+    judge_order: Literal["balanced", "both", "first"] = "balanced"
+    """which image is shown first: `balanced` judges each pair once and shows every image first in half of its
+    comparisons (cancels position bias on average at the official price); `both` judges each pair in both orders
+    (twice the cost); `first` always shows the lower index first (the official trainer)"""
+    judge_max_tokens: int = 2048
+    """reply length limit of a generate-mode judgment (official: 2048)"""
+    judge_image_size: int = 0
+    """downscale images so their longer side is at most this before judging; 0: send them at their own size (official)"""
     judge_workers: int = 16
     """requests in flight at once to the reward server"""
-    judge_timeout: float = 180.0
+    judge_timeout: float = 300.0
     """seconds per request before it is retried"""
-    judge_retries: int = 3
-    """retries per request; a pair that still fails counts as a tie"""
+    judge_retries: int = 10
+    """retries per request; a pair that still fails counts as a tie (and is counted in judge_failed)"""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """name of the environment variable holding the reward server's API key (never printed)"""
+    clip_model: str | None = None
+    """CLIP model for the CLIP-score reward (hub id or folder loaded with transformers, e.g.
+    apple/DFN5B-CLIP-ViT-H-14-378; `tiny`: a random tiny CLIP); none: no CLIP reward"""
+    pref_weight: float = 1.0
+    """weight of the z-scored win rates in the advantage"""
+    clip_weight: float = 0.0
+    """weight of the z-scored CLIP scores in the advantage (needs --clip-model)"""
 
-    # --- advantages and loss (sections 4-5)
+    # --- advantages and loss
     adv_clip: float = 5.0
     """advantages are clamped to [-adv_clip, adv_clip]"""
     clip_range: float = 1e-4
     """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
     kl_beta: float = 0.0
-    """weight of the KL between the policy's and the base model's Gaussian step (base = LoRA switched off); 0 as in
-    the paper"""
+    """weight of Flow-GRPO's KL term to the base model (the transformer with LoRA switched off): the squared gap of
+    the two steps' means over 2 std_t^2, averaged over latent elements; 0 as in Pref-GRPO"""
 
     # --- optimisation
-    lr: float = 1e-2
-    """AdamW learning rate (paper: 1e-5 on FLUX.1-dev; the tiny random model needs a large one to move in minutes)"""
+    lr: float = 1e-5
+    """AdamW learning rate"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
+    accum: int = 4
+    """trajectories of each process per optimizer update (official: 4 of its 8, so 2 updates per round: the later
+    ones are off-policy and the clip range acts); 0: all of them, one update per round"""
     train_batch_size: int = 0
-    """trajectories per forward/backward (gradients accumulate over these micro-batches and over trained steps); 0: all"""
+    """trajectories per training forward/backward (memory); 0: as many as --accum"""
     full: bool = False
     """full fine-tuning instead of LoRA; under torchrun the transformer is sharded over the processes with FSDP2"""
-    lora_rank: int = 16
-    """LoRA rank (paper: 64)"""
-    lora_alpha: float = 32.0
-    """LoRA alpha (paper: 128)"""
+    lora_rank: int = 64
+    """LoRA rank"""
+    lora_alpha: float = 128.0
+    """LoRA alpha"""
     grad_checkpointing: bool | None = None
     """recompute activations in the backward pass; default: on for CUDA (saves memory), off on CPU (only costs time)"""
 
-    # --- logging, checkpoints, evaluation
-    save_every: int = 50
-    """save a checkpoint every N steps (and at the end)"""
+    # --- logging and checkpoints
+    save_every: int = 20
+    """save a checkpoint every N rounds (and at the end)"""
     keep_checkpoints: int = 2
-    """how many most recent checkpoints to keep on disk"""
+    """how many of the most recent checkpoints to keep on disk"""
     sample_every: int = 20
-    """save a grid of the step's samples every N steps"""
-    eval_prompts: int = 8
-    """held-out comparison at the end: the first N prompts ..."""
+    """save a grid of the round's samples every N rounds"""
+    eval_every: int = 0
+    """every N rounds: the held-out prompts and seeds, current vs initial policy, judged by the same judge
+    (eval_win_rate_vs_initial) and scored by CLIP; 0: only at the end"""
+    eval_count: int = 8
+    """held-out prompts used ..."""
     eval_seeds: int = 4
-    """... times this many held-out seeds, initial vs final policy, deterministic sampler; 0 disables"""
+    """... times this many held-out seeds, deterministic sampler; 0 disables the evaluation"""
+    wandb_project: str | None = None
+    """also log metrics, sample grids and the held-out comparison to this Weights & Biases project (pip install
+    wandb); metrics.jsonl stays the record"""
+
+
+# Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
+# the command line override them. What the official code does and this file does not is listed in docs/recipe.md.
+OFFICIAL = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0,
+                group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
+                adv_clip=5.0, train_fraction=0.6, accum=4, max_sequence_length=512, prompts_per_step=0,
+                judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
+                clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20)
+PRESETS = {
+    "pref-grpo-flux": {**OFFICIAL, "full": True, "pref_weight": 0.7, "clip_weight": 1.4},
+    "pref-grpo-flux-lora": {**OFFICIAL, "full": False, "lora_rank": 64, "lora_alpha": 128.0, "pref_weight": 0.4,
+                            "clip_weight": 0.6},
+    # The offline demo: a small model learns in minutes on 2 CPU cores with a larger step and more updates per round.
+    "demo": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-3, accum=8,
+                 lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=60, save_every=20,
+                 sample_every=10, eval_every=20, eval_seeds=4),
+}
+
+# Range checks run when the flags are parsed: flag -> (test, what is allowed).
+CHECKS = {
+    "train_steps": (lambda v: v >= 1, "at least 1"), "prompts_per_step": (lambda v: v >= 0, "0 or more"),
+    "group_size": (lambda v: v >= 2, "at least 2: rewards are win rates inside a group"),
+    "sample_steps": (lambda v: v >= 2, "at least 2: the last transition is never trained"),
+    "resolution": (lambda v: v >= 8, "at least 8"), "guidance": (lambda v: v >= 0, "0 or more"),
+    "cfg_scale": (lambda v: v >= 1, "at least 1 (1 = off)"), "eta": (lambda v: 0 < v <= 10, "in (0, 10]"),
+    "shift": (lambda v: v is None or v > 0, "positive"), "sde_window": (lambda v: v >= 0, "0 or more"),
+    "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_sequence_length": (lambda v: v >= 1, "at least 1"),
+    "judge_max_tokens": (lambda v: v >= 1, "at least 1"), "judge_image_size": (lambda v: v >= 0, "0 or more"),
+    "judge_workers": (lambda v: v >= 1, "at least 1"), "judge_timeout": (lambda v: v > 0, "positive"),
+    "judge_retries": (lambda v: v >= 0, "0 or more"), "pref_weight": (lambda v: v >= 0, "0 or more"),
+    "clip_weight": (lambda v: v >= 0, "0 or more"), "adv_clip": (lambda v: v > 0, "positive"),
+    "clip_range": (lambda v: 0 < v < 1, "in (0, 1)"), "kl_beta": (lambda v: v >= 0, "0 or more"),
+    "lr": (lambda v: 0 < v < 1, "in (0, 1)"), "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_grad_norm": (lambda v: v > 0, "positive"), "accum": (lambda v: v >= 0, "0 or more"),
+    "train_batch_size": (lambda v: v >= 0, "0 or more"), "lora_rank": (lambda v: v >= 1, "at least 1"),
+    "lora_alpha": (lambda v: v > 0, "positive"), "save_every": (lambda v: v >= 1, "at least 1"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1"), "sample_every": (lambda v: v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 0, "0 or more"), "eval_count": (lambda v: v >= 1, "at least 1"),
+    "eval_seeds": (lambda v: v >= 0, "0 or more"),
+}
+# What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
+FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The command line from the dataclass: one --flag per field, its docstring as help, grouped by the `# ---`
+    comments, with its default and choices. `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 3)[-1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
+    lines, hints = inspect.getsource(Args).splitlines(), typing.get_type_hints(Args)
+    fields, group, docs, name = {f.name: f for f in dataclasses.fields(Args)}, parser, {}, None
+    for line in lines:  # the docstring under each field, and the group comment above it
+        if m := re.match(r"\s+# --- (.+)", line):
+            group = parser.add_argument_group(m.group(1))
+        elif (m := re.match(r"\s+(\w+): ", line)) and m.group(1) in fields:
+            name, docs[m.group(1)] = m.group(1), [group, ""]
+        elif name and line.strip():
+            docs[name][1] += " " + line.strip().strip('"')
+    for name, (group, doc) in docs.items():
+        f, hint = fields[name], hints[name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+        default = argparse.SUPPRESS if suppress else f.default
+        text = " ".join(doc.split()) + f" (default: {f.default})"
+        if hint in (bool, bool | None):
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+        base = next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint))) if not choices else str
+        none_ok = type(None) in typing.get_args(hint)
+        group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
+                           else base, choices=choices, default=default, help=text)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """Build the command line from the dataclass: --flag-name per field, its docstring as help."""
-    docs, fields = {}, ast.parse(inspect.getsource(Args)).body[0].body
-    for node, nxt in zip(fields, fields[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    for f in dataclasses.fields(Args):
-        name, kind = "--" + f.name.replace("_", "-"), str(f.type)
-        if "bool" in kind:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=docs.get(f.name))
-        else:
-            cast = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(name, type=cast, default=f.default, help=docs.get(f.name))
-    args = Args(**vars(parser.parse_args(argv)))
-    if args.reward not in ("pairwise", "pointwise"):
-        parser.error("--reward must be pairwise or pointwise")
-    if args.group_size < 2:
-        parser.error("--group-size must be at least 2: rewards are win rates inside a group")
-    if not 0 < args.train_fraction <= 1:
-        parser.error("--train-fraction must be in (0, 1]")
-    if not 0 <= args.sde_window <= args.sample_steps:
-        parser.error("--sde-window must be between 0 and --sample-steps")
+    """Defaults <- preset <- a resumed run's args.json <- the flags given on the command line; then range checks."""
+    values = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(suppress=True).parse_args(argv))
+    base = {}
+    if given.get("resume"):
+        saved = Path(given["resume"])
+        saved = saved if (saved / "args.json").is_file() else saved.parent.parent  # a checkpoint folder's run
+        try:
+            base = json.loads((saved / "args.json").read_text())
+        except (OSError, ValueError):
+            sys.exit(f"error: --resume {given['resume']}: no readable args.json in {saved}")
+        base = {k: v for k, v in base.items() if k in values and k != "resume"}
+    preset = given.get("preset", base.get("preset"))
+    model = given.get("model", base.get("model", values["model"]))
+    if preset is None and not base and (model == "toy" or model.startswith("tiny")):
+        preset = "demo"
+    if "judge_model" not in given and "judge_model" not in base:
+        values["judge_model"] = "toy" if model == "toy" else "colour" if model.startswith("tiny") else "UnifiedReward"
+    if preset is not None and preset not in PRESETS:
+        sys.exit(f"error: --preset must be one of {', '.join(PRESETS)} (got {preset!r})")
+    args = Args(**{**values, **(PRESETS[preset] if preset and not base else {}), **base, **given, "preset": preset})
+    args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
+    for name, (ok, allowed) in CHECKS.items():
+        if not ok(getattr(args, name)):
+            sys.exit(f"error: {flag(name)} must be {allowed} (got {getattr(args, name)})")
+    if args.sde_window >= args.sample_steps:
+        sys.exit("error: --sde-window must be below --sample-steps (the last transition is never trained)")
     if args.kl_beta > 0 and args.full:  # a frozen copy of a 12B transformer would cost 24 GB more per GPU
-        parser.error("--kl-beta needs LoRA: the base model is the transformer with its adapter switched off, and "
-                     "--full has no adapter")
+        sys.exit("error: --kl-beta needs LoRA: the base model is the transformer with its adapter switched off, and "
+                 "--full has no adapter")
+    if args.clip_weight > 0 and not args.clip_model:
+        sys.exit("error: --clip-weight needs --clip-model")
+    if args.device:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            sys.exit(f"error: --device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            sys.exit(f"error: --device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     return args
 
 
 # ======================================================================================================================
-# Models: FLUX or SD3 from the hub, or a tiny random one built offline (same code path for all)
+# 1. Sampling: the flow ODE turned into an SDE with the same marginals, and each step's Gaussian log-prob
 # ======================================================================================================================
-TOY_COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
-TOY_THINGS = ["apple", "car", "house", "bird", "boat", "flower"]
-# The demo's prompts all name one colour: the tiny random model barely listens to its text (its text pathway is random),
-# and learning a prompt-conditional colour takes it far longer than a demo should (4 colours, 300 steps: no progress).
-TOY_PROMPTS = [f"a red {thing}" for thing in TOY_THINGS]
+def sigma_schedule(pipe, steps: int, image_seq_len: int, shift: float | None = None) -> torch.Tensor:
+    """steps + 1 noise levels from 1 down to 0 from diffusers' own scheduler: a fixed shift (official: 3), or FLUX's
+    resolution-dependent one."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler, cfg = pipe.scheduler, pipe.scheduler.config
+    if shift is not None:
+        scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift)
+    mu = None
+    if scheduler.config.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device="cpu")
+    return scheduler.sigmas.float().clone()
 
 
-def tiny_tokenizer(max_length: int):
-    """A word-level tokenizer built in memory: the demo's words get their own ids, anything else is <unk>."""
+def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, generator=None):
+    """One Flow-GRPO SDE step x_sigma -> x_sigma_next for a flow-matching velocity v, in float32. sigma and
+    sigma_next are numbers or one value per row (the training pass mixes steps of several trajectories).
+
+    std_t = eta * sqrt(sigma / (1 - sigma)), where sigma = 1 (infinite std) is capped at the first sigma below 1.
+    mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma < 0
+    x_next = mean + std_t sqrt(-dt) * noise.
+    Returns (x_next, log-prob of x_next averaged over all non-batch elements, mean, std_t per row). Given `prev`,
+    returns that latent's log-prob instead of sampling one (the training pass). eta = 0 is the deterministic Euler
+    step; it has no density, so its log-prob is returned as 0. A list of generators splits the rows evenly."""
+    v, x = v.float(), x.float()
+    col = (x.shape[0],) + (1,) * (x.ndim - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col)
+    dt = torch.as_tensor(sigma_next, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col) - sigma
+    std_t = eta * torch.sqrt(sigma / (1 - sigma.clamp(max=sigma_cap)))
+    mean = (x * (1 + std_t**2 / (2 * sigma) * dt).float()
+            + v * ((1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt).float())
+    std = (std_t * torch.sqrt(-dt)).float()
+    if prev is None:
+        prev = mean + std * gaussian(x.shape, generator, x.device) if eta > 0 else mean
+    prev = prev.float().detach()
+    if eta == 0:
+        return prev, torch.zeros(x.shape[0], device=x.device), mean, std_t.float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t.float()
+
+
+def gaussian(shape, generator, device) -> torch.Tensor:
+    """Standard normal noise; a list of generators (one per group) draws the rows in equal blocks, one block each, so a
+    group's noise does not depend on what else is in the batch."""
+    if not isinstance(generator, list):
+        return torch.randn(shape, generator=generator, device=device)
+    rows = shape[0] // len(generator)
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=device) for g in generator])
+
+
+@torch.no_grad()
+def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
+            cfg_scale: float = 1.0):
+    """Denoise a whole batch (every image of every group) with one transformer call per step. Returns all latents
+    (n, T+1, ...), the log-probs of the transitions (n, T; 0 on Euler steps) and the last step's x0-prediction
+    x - sigma v: the image to judge, without the noise the last SDE step adds."""
+    sigma_cap = float(sigmas[1])
+    x, latents, log_probs = noise.float(), [noise.float()], []
+    for i in range(len(sigmas) - 1):
+        v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
+        x0 = x - float(sigmas[i]) * v.float()
+        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0, sigma_cap,
+                               generator=generator)
+        latents.append(x)
+        log_probs.append(lp)
+    return torch.stack(latents, 1), torch.stack(log_probs, 1), x0
+
+
+def step_plan(steps: int, window: int, fraction: float, group_gens: list, G: int, step_gen):
+    """Which sampling steps use the SDE (all, or a random window drawn from step_gen), and for each trajectory its
+    own random subset of those transitions to train, in random order: (groups x G, k), each group drawing from its
+    own generator. The last transition is never trained: its target, the final latent, is not what gets judged (the
+    x0-prediction before it is)."""
+    start = int(torch.randint(0, steps - window, (1,), generator=step_gen)) if window else 0
+    sde = list(range(start, start + window)) if window else list(range(steps))
+    candidates = torch.tensor([s for s in sde if s < steps - 1])
+    k = max(1, int(fraction * len(candidates)))
+    trained = [candidates[torch.randperm(len(candidates), generator=g)[:k]] for g in group_gens for _ in range(G)]
+    return [i in sde for i in range(steps)], torch.stack(trained)
+
+
+# ======================================================================================================================
+# 2. Judging pairs: judge(prompts, firsts, seconds) -> (P(the image shown first is better) or None, info)
+# ======================================================================================================================
+# UnifiedReward-Think's pairwise prompt, byte for byte as the model was trained on it (`{prompt}` = the caption).
+# Source: CodeGoat24/UnifiedReward, UnifiedReward-Think/benchmark_evaluation/GenAI-Bench-Image/
+# test_qwen25_cot_genAI_bench_image.py (the `template` of the official Pref-GRPO trainer too). Licence: MIT.
+UNIFIEDREWARD_THINK_PROMPT = (
+    "Given a caption and two images generated based on this caption, please analyze in detail the two provided "
+    "images. Evaluate them on various dimensions such as semantic consistency (how closely the image content aligns "
+    "with the caption), aesthetics (composition, color usage, artistic expression), authenticity (realism and "
+    "attention to detail), and any other factors you deem relevant. For each evaluation dimension, provide a score "
+    "between 1-10 for both images (e.g., Image 1: 8/10, Image 2: 6/10) and provide a concise rationale for the score. "
+    "Calculate the total score for each image by summing all dimension scores. Use a chain-of-thought process to "
+    "detail your reasoning steps, and enclose all your detailed reasoning within <think> and </think> tags. Then, in "
+    "the <answer> tag, output exactly one of the following strings: 'Image 1 is better' or 'Image 2 is better' based "
+    "on the total scores. No additional text is allowed in the <answer> section.\n\nExample output format:\n<think>\n"
+    "1. Semantic consistency: Image 1 (9/10) - ...; Image 2 (7/10) - ...\n2. Aesthetics: Image 2 (8/10) - ...; "
+    "Image 1 (8/10) - ...\n3. Authenticity: Image 1 (8/10) - ...; Image 2 (5/10) - ...\n[Additional dimensions if "
+    "any]: Image 2 (8/10) - ...; Image 1 (6/10) - ...\nTotal score:\nImage 1: 9+8+8+6=31\nImage 2: 7+8+5+8=28\n"
+    "</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final answer are "
+    "placeholders meant only to demonstrate the format. Your actual evaluation should be based on the quality of two "
+    "given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
+# Logits mode: the assistant turn is prefilled with a closed, neutral <think> block and the answer up to the image
+# number (ending in a space: Qwen's tokenizer writes the space and each digit as tokens of their own), so one forward
+# pass gives P("1") vs P("2") for the next token. Ours, not the model's training format.
+LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
+                 "and added up the totals.\n</think>\n<answer>Image ")
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def judge_text(prompt: str) -> str:
+    return UNIFIEDREWARD_THINK_PROMPT.replace("{prompt}", prompt)  # not .format: a prompt may hold braces
+
+
+def parse_verdict(reply: str | None) -> float | None:
+    """As the official trainer reads a reply: the first <answer>...</answer> containing "Image 1 is better" -> 1.0,
+    "Image 2 is better" -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
+    m = ANSWER.search(reply) if isinstance(reply, str) else None
+    if m and "Image 1 is better" in m.group(1):
+        return 1.0
+    if m and "Image 2 is better" in m.group(1):
+        return 0.0
+    return None
+
+
+def pair_schedule(G: int, order: str) -> list[tuple[int, int]]:
+    """The judged (first shown, second shown) image pairs of a group. `first`: the lower index first, as the official
+    trainer does (image 0 is shown first in all its G - 1 comparisons, image G - 1 in none, so a judge's position bias
+    shifts their win rates apart). `balanced`: each pair once, the lower index first iff i + j is odd, which shows
+    every image first in floor or ceil of (G - 1) / 2 of its comparisons. `both`: every pair in both orders."""
+    pairs = [(i, j) for i in range(G) for j in range(i + 1, G)]
+    if order == "balanced":
+        return [(i, j) if (i + j) % 2 else (j, i) for i, j in pairs]
+    return pairs + ([(j, i) for i, j in pairs] if order == "both" else [])
+
+
+def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, order: str = "balanced"):
+    """Judge the scheduled pairs inside each group (never across groups) in one call. Returns the preference matrices
+    P[g, i, j] = P(image i beats image j), P[g, j, i] = 1 - P[g, i, j] (both orders: their mean; a failed judgment:
+    a tie), and the judge's diagnostics."""
+    schedule = pair_schedule(G, order)
+    reqs = [(g, a, b) for g in range(len(prompts)) for a, b in schedule]
+    p_first, info = judge([prompts[g] for g, _, _ in reqs], [images[g * G + a] for g, a, _ in reqs],
+                          [images[g * G + b] for g, _, b in reqs])
+    total, count = torch.zeros(len(prompts), G, G), torch.zeros(len(prompts), G, G)
+    for (g, a, b), p in zip(reqs, p_first):
+        if p is not None:
+            total[g, a, b] += p
+            total[g, b, a] += 1 - p
+            count[g, a, b] += 1
+            count[g, b, a] += 1
+    pref = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, 0.5))
+    valid = [p for p in p_first if p is not None]
+    info = {"judge_requests": len(reqs), "judge_failed": len(reqs) - len(valid),
+            # share of judgments won by the image shown first: 0.5 = no position bias (images of a group are
+            # exchangeable, so a fixed schedule measures the judge, not the images)
+            "judge_first_preferred": sum(valid) / len(valid) if valid else 0.5, **info}
+    if order == "both":  # pairs whose two orders prefer different images; measurable in this mode only
+        n = len(reqs) // 2
+        both = [(x, y) for x, y in zip(p_first[:n], p_first[n:]) if x is not None and y is not None]
+        info["judge_order_disagree"] = sum((x - 0.5) * (0.5 - y) < 0 for x, y in both) / max(len(both), 1)
+    return pref, info
+
+
+def score_groups(scorer, prompts: list[str], images: list[Image.Image], group_size: int):
+    """Pointwise baseline: one score per image, (groups, G); a failed score takes its group's mean (zero advantage)."""
+    scores, info = scorer([p for p in prompts for _ in range(group_size)], images)
+    r = torch.tensor([float("nan") if x is None else float(x) for x in scores]).view(len(prompts), group_size)
+    fill = torch.nanmean(r, 1, keepdim=True).nan_to_num(0.0).expand_as(r)
+    return torch.where(r.isnan(), fill, r), {"judge_failed": sum(x is None for x in scores), **info}
+
+
+# ======================================================================================================================
+# 3. Win rate: each image's share of wins against the other G - 1 images of its group
+# ======================================================================================================================
+def win_rates(pref: torch.Tensor) -> torch.Tensor:
+    """pref (groups, G, G) with pref[g, i, j] = P(i beats j) -> (groups, G) win rates; a complete group sums to G / 2."""
+    G = pref.shape[-1]
+    return (pref.sum(-1) - pref.diagonal(dim1=-2, dim2=-1)) / (G - 1)
+
+
+# ======================================================================================================================
+# 4. Advantage: z-score inside the group (each reward on its own), weighted sum, clamped
+# ======================================================================================================================
+def group_zscore(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(groups, G) -> (r - group mean) / (group std + eps), the std with Bessel's correction as the official code. A
+    group whose rewards are all equal carries no signal: exactly 0."""
+    z = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+    return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(z), z)
+
+
+def group_advantages(rewards: list[torch.Tensor], weights: list[float], clip: float = 5.0) -> torch.Tensor:
+    """A = sum_k w_k z(r_k), each reward z-scored inside its group (win rates and CLIP scores live on different
+    scales), clamped to [-clip, clip] (official: 0.7 z(win rate) + 1.4 z(CLIP cosine), clamp 5)."""
+    return sum(w * group_zscore(r) for r, w in zip(rewards, weights)).clamp(-clip, clip)
+
+
+# ======================================================================================================================
+# 5. Loss: PPO clipped ratio on per-step log-probs, an optimizer update every --accum trajectories
+# ======================================================================================================================
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float):
+    """mean over samples of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log_prob - old_log_prob)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    with torch.no_grad():
+        stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(), "ratio": ratio.mean().item(),
+                 "ratio_dev": (ratio - 1).abs().max().item(),
+                 "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().item()}
+    return loss, stats
+
+
+def flow_grpo_kl(mean, base_mean, std_t) -> torch.Tensor:
+    """Flow-GRPO's KL term per sample: the squared gap of the two steps' means, averaged over latent elements, over
+    2 std_t^2. (The true KL of the two Gaussian steps is this times -dt: their std is std_t sqrt(-dt).)"""
+    return ((mean - base_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_t.flatten() ** 2)
+
+
+def transition(pipe, batch: dict, idx, steps, args: Args):
+    """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r], recomputed under the current weights: log-prob of
+    the stored next latent (with gradient), the step's mean and std_t."""
+    sig, lat = batch["sigmas"], batch["latents"]
+    x = lat[idx, steps]
+    v = velocity(pipe, x, sig[steps], select(batch["cond"], idx), batch["img_ids"], args.guidance, args.cfg_scale)
+    _, lp, mean, std_t = sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])
+    return lp, mean, std_t
+
+
+def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
+    """Section 5 for one round. This process's trajectories are cut into chunks of --accum; each chunk's loss (mean
+    over its trajectories, all processes', and their trained transitions) is one optimizer update. Chunks after the
+    first are off-policy: the weights moved since sampling, so the ratio leaves 1 and the clip acts. Trajectories
+    with zero advantage get no forward/backward (their loss is exactly 0)."""
+    dev, trained, world = batch["latents"].device, batch["trained"], world_size()
+    n, k = trained.shape
+    size = args.accum or n
+    sharded = args.full and world > 1
+    sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
+    out = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}
+    terms = 0
+    pipe.transformer.train()
+    for start in range(0, n, size):
+        chunk = torch.arange(start, min(start + size, n))
+        keep = chunk[adv[chunk] != 0]
+        n_keep = int(all_reduce({"n": len(keep)}, dev)["n"])
+        if n_keep == 0:
+            continue
+        weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the chunk's trajectories
+        micro = list(keep.split(args.train_batch_size or size)) if len(keep) else []
+        if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes
+            micro += [keep[:0]] * (int(all_reduce({"n": len(micro)}, dev, "max")["n"]) - len(micro))
+        for idx in micro:
+            w = weight * len(idx)
+            idx = idx if len(idx) else chunk[:1]  # a padding pass carries weight 0
+            for j in range(k):
+                lp, mean, std_t = transition(pipe, batch, idx, trained[idx, j], args)
+                loss, s = grpo_loss(lp, batch["log_probs"][idx, trained[idx, j]], adv[idx].to(lp.device),
+                                    args.clip_range)
+                if args.kl_beta:  # Flow-GRPO's KL to the base model on the same transition
+                    with torch.no_grad(), adapters_off(pipe.transformer):
+                        base_mean = transition(pipe, batch, idx, trained[idx, j], args)[1]
+                    kl = flow_grpo_kl(mean, base_mean, std_t).mean()
+                    loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
+                (loss * w).backward()
+                rows = len(idx) if w else 0  # statistics: a mean over the real (trajectory, transition) terms
+                out["ratio_dev"] = max(out["ratio_dev"], s.pop("ratio_dev") if rows else 0.0)
+                for key, value in [*s.items(), ("loss", loss.item())]:
+                    sums[key] += value * rows
+                terms += rows
+        if world > 1 and not sharded:
+            sum_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+        if math.isfinite(norm):
+            optimizer.step()
+            out["updates"] += 1
+            out["grad_norm"] = max(out["grad_norm"], norm)
+        else:  # a NaN/inf loss or gradient must not poison the weights: drop this update, keep training
+            out["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+    pipe.transformer.eval()
+    sums = all_reduce({**sums, "terms": terms}, dev)
+    terms = max(sums.pop("terms"), 1)
+    return {**{key: v / terms for key, v in sums.items()}, **out}
+
+
+# ======================================================================================================================
+# Models: FLUX or SD3 from the hub or a folder, or a tiny random one built offline (one code path for all)
+# ======================================================================================================================
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
+TINY_PROMPTS = [f"a red {thing}" for thing in ("apple", "car", "house", "bird", "boat", "flower")]
+
+
+def word_tokenizer(words: list[str], max_length: int):
+    """A word-level tokenizer built in memory (known words get their own ids, anything else is <unk>); every text
+    ends with </s>, where CLIP pools its output (without it the pooled text would be prompt-blind)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "</s>", "<unk>", "a", "an", "the", "of", "in", "on", "with", *TOY_COLOURS, *TOY_THINGS]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab = ["<pad>", "</s>", "<unk>", *dict.fromkeys(words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    # End every prompt with </s>: CLIP pools its output at that token, so without it the pooled text is prompt-blind.
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=max_length)
 
 
+def tiny_tokenizer(max_length: int = 16):
+    words = ["a", "an", "the", "of", "in", "on", "with", *COLOURS, "apple", "car", "house", "bird", "boat", "flower"]
+    return word_tokenizer(words, max_length)
+
+
 def tiny_pipeline(model: str = "tiny", seed: int = 0):
     """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
-    2-level VAE with 4 latent channels, CLIP (SD3: two, pooled and concatenated) and T5. FLUX: packed latents and a
-    guidance embedding; SD3: (B, C, H, W) latents patchified inside the transformer, SD3.5's second attention and
-    qk-norm. A random VAE decoder maps every latent to nearly the same colour: make it close to linear instead
-    (residual blocks start as identity, a flat output norm, a strong output gain), so the latent's colour shows."""
+    2-level VAE with 4 latent channels, CLIP (SD3: two) and T5. A random VAE decoder maps every latent to nearly the
+    same colour: make it close to linear (residual blocks start as identity, a flat output norm, a strong output
+    gain), so that the latent's colour shows and the colour judge has something to judge."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    vocab, sd3 = len(tiny_tokenizer(8)), model == "tiny-sd3"
+    vocab, sd3 = len(tiny_tokenizer()), model == "tiny-sd3"
     clip = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, projection_dim=32, max_position_embeddings=16, pad_token_id=0,
                           bos_token_id=1, eos_token_id=1)
@@ -244,7 +669,7 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                 p.zero_()
         vae.decoder.conv_norm_out.weight.fill_(0.3)
         vae.decoder.conv_out.weight.mul_(20.0)  # 0.3 x 20 = 6: strong enough to reach saturated colours
-    parts = dict(vae=vae, tokenizer=tiny_tokenizer(16), tokenizer_2=tiny_tokenizer(16))
+    parts = dict(vae=vae, tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
     if sd3:
         transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                             attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
@@ -253,7 +678,7 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
         return StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder_3=t5,
             text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
-            tokenizer_3=tiny_tokenizer(16), **parts)
+            tokenizer_3=tiny_tokenizer(), **parts)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
@@ -267,9 +692,29 @@ def is_sd3(pipe) -> bool:
     return type(pipe).__name__.startswith("StableDiffusion3")
 
 
+def hub_error(name: str, err: Exception, what: str) -> str:
+    """One line on why a hub id or folder did not load, and what to do about it."""
+    text, kind = str(err), type(err).__name__
+    if "Gated" in kind or "gated" in text.lower() or "401" in text:
+        return (f"error: {what} {name!r} is gated or private: accept its licence on its hub page, then log in "
+                "(`hf auth login`) or set HF_TOKEN")
+    if "RepositoryNotFound" in kind or "404" in text:
+        return f"error: {what} {name!r}: no such repository on the hub (check the id; private ones need HF_TOKEN)"
+    if "LocalEntryNotFound" in kind or "offline" in text.lower() or "cannot find the requested files" in text:
+        return (f"error: {what} {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                f"(offline?): download it first (`hf download {name}`) or pass a local folder")
+    return f"error: cannot load {what} {name!r}: {text.strip().splitlines()[0] if text.strip() else kind}"
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A folder must exist; `org/name` is a hub id (the hub library resolves it, from its cache when offline)."""
+    if not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        sys.exit(f"error: {what} {name!r}: no such folder, and not a hub id (org/name)")
+
+
 def load_pipeline(model: str, device=None, dtype=None):
-    """`tiny`, `tiny-sd3`, or a FLUX / SD3 pipeline from the hub or a local path (DiffusionPipeline picks the class
-    from model_index.json), on `device`, frozen (training enables what it trains)."""
+    """`tiny`, `tiny-sd3`, or a FLUX / SD3 pipeline from the hub or a folder (DiffusionPipeline picks the class from
+    model_index.json), on `device`, frozen (training enables what it trains)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("tiny", "tiny-sd3"):
@@ -277,14 +722,13 @@ def load_pipeline(model: str, device=None, dtype=None):
     else:
         from diffusers import DiffusionPipeline
 
-        if os.sep in model and not os.path.exists(model):
-            raise SystemExit(f"error: model path {model!r} does not exist")
+        check_model_name(model, "--model")
         try:
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-        except (OSError, ValueError) as err:  # missing files, bad repo id, no network: one line, not a traceback
-            raise SystemExit(f"error: cannot load model {model!r}: {str(err).splitlines()[0]}") from None
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        except (OSError, ValueError, TypeError, KeyError) as err:  # missing files, bad id, gated, offline, corrupt
+            sys.exit(hub_error(model, err, "--model"))
         if not type(pipe).__name__.startswith(("Flux", "StableDiffusion3")):
-            raise SystemExit(f"error: {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
+            sys.exit(f"error: --model {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
     pipe.to(device)  # dtype was set at load time (from_pretrained keeps the modules that must stay float32)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
@@ -293,10 +737,9 @@ def load_pipeline(model: str, device=None, dtype=None):
     return pipe
 
 
-# Module names (peft matches name suffixes). SD3: attention (attn and SD3.5's attn2) and both feed-forwards.
-SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-LORA_TARGETS = SD3_LORA_TARGETS + ["proj_mlp", "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear"]
+# The official LoRA targets (peft matches name suffixes): attention, including SD3.5's second one, and feed-forwards.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
 def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
@@ -309,7 +752,7 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         from peft import LoraConfig
 
         transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=SD3_LORA_TARGETS if is_sd3(pipe) else LORA_TARGETS))
+                                           target_modules=LORA_TARGETS))
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -319,63 +762,22 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
     return params
 
 
-# ======================================================================================================================
-# 1. Sampling: the flow ODE turned into an SDE with the same marginals, and each step's Gaussian log-prob
-# ======================================================================================================================
-def sigma_schedule(pipe, steps: int, image_seq_len: int, shift: float | None = None) -> torch.Tensor:
-    """steps + 1 noise levels from 1 down to 0, from diffusers' own scheduler (FLUX's resolution-dependent shift)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler, cfg = pipe.scheduler, pipe.scheduler.config
-    if shift is not None:  # a fixed shift, as Flow-GRPO and the official Pref-GRPO use (3.0)
-        scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift)
-    mu = None
-    if scheduler.config.use_dynamic_shifting:
-        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device="cpu")
-    return scheduler.sigmas.float().clone()
-
-
-def sde_step(v, x, sigma: float, sigma_next: float, eta: float, sigma_cap: float, prev=None, generator=None):
-    """One Flow-GRPO SDE step x_sigma -> x_sigma_next for a flow-matching velocity v (float32 whatever the model dtype).
-
-    std_t = eta * sqrt(sigma / (1 - sigma)), where sigma = 1 (infinite std) is capped at the first sigma below 1.
-    mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma < 0
-    x_next = mean + std_t sqrt(-dt) * noise.
-    Returns (x_next, log-prob of x_next averaged over all non-batch elements, mean, noise std). Given `prev`, returns
-    that latent's log-prob instead of sampling one (the training pass). eta = 0 is the deterministic Euler step; it
-    has no density, so its log-prob is returned as 0. A list of generators splits the rows evenly between them.
-    """
-    v, x = v.float(), x.float()
-    dt = sigma_next - sigma
-    std_t = eta * math.sqrt(sigma / (1 - min(sigma, sigma_cap)))
-    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
-    std = std_t * math.sqrt(-dt)
-    if prev is None:
-        noise = gaussian(x.shape, generator, x.device) if std > 0 else 0.0
-        prev = mean + std * noise
-    prev = prev.float().detach()
-    if std == 0:
-        return prev, torch.zeros(x.shape[0], device=x.device), mean, std
-    log_prob = -((prev - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return prev, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std
-
-
-def gaussian(shape, generator, device) -> torch.Tensor:
-    """Standard normal noise; a list of generators (one per group) draws the rows in equal blocks, one block each, so a
-    group's noise does not depend on what else is in the batch."""
-    if not isinstance(generator, list):
-        return torch.randn(shape, generator=generator, device=device)
-    rows = shape[0] // len(generator)
-    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=device) for g in generator])
+@contextlib.contextmanager
+def adapters_off(transformer):
+    """The base model without a second copy in memory: the same transformer with its LoRA adapter switched off."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 # The model-specific parts, FLUX and SD3 side by side: text encoding, latent layout, the transformer call, decoding.
-def encode_prompts(pipe, prompts: list[str], max_sequence_length: int = 0, negative: bool = False) -> dict:
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int = 512, negative: bool = False) -> dict:
     """Text conditioning, one row per prompt (encoders frozen): FLUX = CLIP pooled + T5 sequence; SD3 = CLIP-L and
     CLIP-G pooled (concatenated) + [CLIP-L | CLIP-G, T5] sequence. `negative` adds the empty prompt's, for CFG."""
     t5 = pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2
-    n = min(max_sequence_length or (256 if is_sd3(pipe) else 512), t5.model_max_length)
+    n = min(max_sequence_length, t5.model_max_length)
     with torch.no_grad():
         if is_sd3(pipe):
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=pipe.transformer.device,
@@ -398,6 +800,9 @@ def select(cond: dict, index) -> dict:
 def latent_geometry(pipe, resolution: int) -> tuple[int, torch.Tensor | None]:
     """Image-token count (FLUX's shift depends on it) and positional ids. FLUX: a packed (B, tokens, 4C) sequence with
     ids; SD3: (B, C, H, W) latents that its transformer cuts into patch_size^2 patches itself, no ids."""
+    multiple = pipe.vae_scale_factor * (pipe.transformer.config.patch_size if is_sd3(pipe) else 2)
+    if resolution % multiple:
+        sys.exit(f"error: --resolution must be a multiple of {multiple} for this model (got {resolution})")
     side = resolution // pipe.vae_scale_factor
     if is_sd3(pipe):
         return (side // pipe.transformer.config.patch_size) ** 2, None
@@ -413,39 +818,23 @@ def initial_noise(pipe, n: int, resolution: int, generator) -> torch.Tensor:
     return pipe.prepare_latents(n, channels // 4, resolution, resolution, torch.float32, dev, generator)[0]
 
 
-def velocity(pipe, x, sigma: float, cond: dict, img_ids, guidance: float, cfg_scale: float = 1.0) -> torch.Tensor:
-    """The transformer's flow-matching velocity at noise level sigma. FLUX takes timestep = sigma and a guidance
-    embedding; SD3 takes timestep = 1000 sigma. cfg_scale != 1: classifier-free guidance in one doubled batch."""
+def velocity(pipe, x, sigma, cond: dict, img_ids, guidance: float, cfg_scale: float = 1.0) -> torch.Tensor:
+    """The transformer's flow-matching velocity at noise level sigma (a number or one per row). FLUX takes
+    timestep = sigma and a guidance embedding; SD3 takes 1000 sigma. cfg_scale != 1: classifier-free guidance."""
     transformer, n = pipe.transformer, x.shape[0]
+    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(n)  # float32 in sampling and training
     if cfg_scale != 1:
         both = {**cond, **{k: torch.cat([cond["neg"][k].expand_as(cond[k]), cond[k]]) for k in ("embeds", "pooled")}}
-        v_neg, v_pos = velocity(pipe, torch.cat([x, x]), sigma, both, img_ids, guidance).chunk(2)
+        v_neg, v_pos = velocity(pipe, torch.cat([x, x]), torch.cat([t, t]), both, img_ids, guidance).chunk(2)
         return v_neg + cfg_scale * (v_pos - v_neg)
     # The text embeddings carry the pipeline's dtype; transformer.dtype would walk every submodule on each call.
     kwargs = dict(hidden_states=x.to(cond["embeds"].dtype), pooled_projections=cond["pooled"],
                   encoder_hidden_states=cond["embeds"], return_dict=False)
     with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
         if is_sd3(pipe):
-            return transformer(timestep=torch.full((n,), 1000 * sigma, device=x.device), **kwargs)[0]
+            return transformer(timestep=1000 * t, **kwargs)[0]
         g = torch.full((n,), guidance, device=x.device) if transformer.config.guidance_embeds else None
-        return transformer(timestep=torch.full((n,), sigma, device=x.device), guidance=g, txt_ids=cond["text_ids"],
-                           img_ids=img_ids, **kwargs)[0]
-
-
-@torch.no_grad()
-def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
-            cfg_scale: float = 1.0):
-    """Denoise a whole batch (every image of every group) with one transformer call per step.
-    Returns all latents (n, T+1, *latent shape) and the log-probs of the SDE transitions (n, T; 0 on Euler steps)."""
-    sigma_cap = float(sigmas[1])
-    x, latents, log_probs = noise.float(), [noise.float()], []
-    for i in range(len(sigmas) - 1):
-        v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
-        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0, sigma_cap,
-                               generator=generator)
-        latents.append(x)
-        log_probs.append(lp)
-    return torch.stack(latents, 1), torch.stack(log_probs, 1)
+        return transformer(timestep=t, guidance=g, txt_ids=cond["text_ids"], img_ids=img_ids, **kwargs)[0]
 
 
 @torch.no_grad()
@@ -458,159 +847,323 @@ def decode(pipe, latents, resolution: int) -> list[Image.Image]:
 
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 28, resolution: int = 512,
-                    guidance: float = 3.5, max_sequence_length: int = 0, batch_size: int = 8,
-                    cfg_scale: float = 1.0) -> list[Image.Image]:
+                    guidance: float = 3.5, max_sequence_length: int = 512, batch_size: int = 8,
+                    cfg_scale: float = 1.0, shift: float | None = None) -> list[Image.Image]:
     """One deterministic (eta = 0) image per (prompt, seed); the same seed gives the same image in any batch."""
     images = []
     for s in range(0, len(prompts), batch_size):
         p, sd = prompts[s:s + batch_size], seeds[s:s + batch_size]
         seq_len, img_ids = latent_geometry(pipe, resolution)
         gens = [torch.Generator(pipe.transformer.device).manual_seed(int(x)) for x in sd]
-        latents, _ = rollout(pipe, encode_prompts(pipe, p, max_sequence_length, cfg_scale != 1),
-                             initial_noise(pipe, len(p), resolution, gens), sigma_schedule(pipe, steps, seq_len),
-                             [False] * steps, 0.0, guidance, img_ids, None, cfg_scale)
+        latents, _, _ = rollout(pipe, encode_prompts(pipe, p, max_sequence_length, cfg_scale != 1),
+                                initial_noise(pipe, len(p), resolution, gens),
+                                sigma_schedule(pipe, steps, seq_len, shift), [False] * steps, 0.0, guidance, img_ids,
+                                None, cfg_scale)
         images += decode(pipe, latents[:, -1], resolution)
     return images
 
 
-def step_plan(steps: int, window: int, fraction: float, generator) -> tuple[list[bool], list[int]]:
-    """Which sampling steps use the SDE (all, or a random window) and which of those get trained (a random subset)."""
-    start = int(torch.randint(0, steps - window + 1, (1,), generator=generator)) if window else 0
-    sde = list(range(start, start + window)) if window else list(range(steps))
-    k = max(1, round(fraction * len(sde)))
-    trained = sorted(sde[int(i)] for i in torch.randperm(len(sde), generator=generator)[:k])
-    return [i in sde for i in range(steps)], trained
+# ======================================================================================================================
+# Reward models: the judge's transport (an OpenAI-compatible server, or Qwen-VL in this process), CLIP, offline judges
+# ======================================================================================================================
+# The HTTP client is the standard library's: a reward server is the one dependency a trainer cannot avoid, so none is
+# added for it. unigenbench.py keeps its own small copy of these helpers, so that each script runs on its own.
+RETRY_BACKOFF_S = 1.0  # first retry delay; doubles each attempt (tests make it small)
 
 
-# ======================================================================================================================
-# 2. Judging pairs: any function (prompts, images_a, images_b) -> (P(a better) or None per pair, info dict)
-# ======================================================================================================================
-def toy_colour_distance(prompt: str, image: Image.Image) -> float | None:
-    """The offline demo's ground truth: distance from the image's mean colour to the colour named in the prompt
-    (RGB in [0, 1], so 0 is perfect and sqrt(3) the worst); None when the prompt names no known colour."""
-    words = re.findall(r"[a-z]+", prompt.lower())
-    target = next((TOY_COLOURS[w] for w in words if w in TOY_COLOURS), None)
+def http_headers(key_env: str) -> dict:
+    key = os.environ.get(key_env)
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+
+def scrub(text, key_env: str) -> str:
+    """Error text shown to users: one line, and never the API key (some servers echo request details)."""
+    key = os.environ.get(key_env)
+    return " ".join((str(text).replace(key, "***") if key else str(text)).split())[:300]
+
+
+def served_models(url: str, key_env: str, timeout: float = 30.0) -> list[str]:
+    """The names `{url}/models` lists; one line and exit if the server does not answer."""
+    req = urllib.request.Request(url.rstrip("/") + "/models", headers=http_headers(key_env))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        hint = (f" (check ${key_env})" if e.code in (401, 403) else
+                " (is the URL missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
+        sys.exit(scrub(f"error: judge server {url} answered HTTP {e.code} on /models{hint}", key_env))
+    except (OSError, http.client.HTTPException) as e:
+        sys.exit(scrub(f"error: judge server {url} is not reachable: {getattr(e, 'reason', None) or e}", key_env))
+    try:  # a reachable server with an odd /models reply is still usable
+        return [m["id"] for m in json.loads(body)["data"]]
+    except (ValueError, LookupError, TypeError):
+        return []
+
+
+def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
+    """JPEG quality 95 at the image's own size, as the official clients send it (smaller only if asked)."""
+    image = image.convert("RGB")
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, extract):
+    """POST with retries; (extract(reply) or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
+    429 and unreadable replies are retried with jittered exponential backoff; other 4xx are not. Never raises."""
+    error = None
+    for attempt in range(retries + 1):
+        try:
+            req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
+                return extract(json.loads(resp.read())), attempt + 1, None
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}"
+            if e.code < 500 and e.code not in (408, 429):
+                return None, attempt + 1, error  # a request the server rejects will be rejected again
+        except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError) as e:
+            error = f"{type(e).__name__}: {e}"
+        if attempt < retries:  # jitter keeps many workers from retrying in lockstep
+            time.sleep(RETRY_BACKOFF_S * 2 ** attempt * random.uniform(1.0, 1.5))
+    return None, retries + 1, error
+
+
+def reply_text(data: dict) -> str:
+    text = data["choices"][0]["message"]["content"]
+    if not isinstance(text, str):
+        raise TypeError("message content is not a string")
+    return text
+
+
+def answer_prob(data: dict) -> float | None:
+    """Logits mode over a server: p1 / (p1 + p2) from the top log-probs of the first generated token that is not
+    whitespace (a server may trim the prefill's trailing space; the model then writes it first)."""
+    for step in data["choices"][0]["logprobs"]["content"]:
+        top = [(t["token"].strip(), math.exp(t["logprob"])) for t in step["top_logprobs"]]
+        if step["token"].strip() or not top:
+            p1, p2 = (sum(p for tok, p in top if tok == d) for d in "12")  # a digit not in the top list counts as 0
+            return p1 / (p1 + p2) if p1 + p2 > 0 else None
+    return None
+
+
+def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: str, *, max_tokens: int,
+                workers: int, timeout: float, retries: int, key_env: str, max_side: int = 0, prefill: str | None = None,
+                extract=reply_text, extra: dict | None = None) -> tuple[list, dict]:
+    """One chat completion per (text, images) request, images first, many in flight. Returns extract(reply) per
+    request (None: failed after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server,
+    as the official clients leave it."""
+    endpoint, headers = url.rstrip("/") + "/chat/completions", http_headers(key_env)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        unique = {id(im): im for _, ims in requests for im in ims}  # a pair judged twice shares its images
+        urls = dict(zip(unique, pool.map(lambda im: jpeg_data_url(im, max_side), unique.values())))
+        payloads = []
+        for text, ims in requests:
+            content = [{"type": "image_url", "image_url": {"url": urls[id(im)]}} for im in ims]
+            messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+            if prefill is not None:
+                messages.append({"role": "assistant", "content": prefill})
+            payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens, **(extra or {})})
+        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract), payloads))
+    errors = [scrub(r[2], key_env) for r in results if r[0] is None and r[2]]
+    return [r[0] for r in results], {"failed": sum(r[0] is None for r in results),
+                                     "attempts": sum(r[1] for r in results), "errors": errors}
+
+
+def load_local_vlm(name: str, device=None, dtype=None) -> tuple:
+    """(model, processor) of a Qwen-VL checkpoint (hub id or folder), eval mode, left padding for batching."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_model_name(name, "the judge")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)).to(device).eval()
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+        except ImportError:  # no torchvision: the video half cannot load, and judging images does not need it
+            processor = image_only_processor(name, model.config.model_type)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        sys.exit(hub_error(name, err, "the judge"))
+    processor.tokenizer.padding_side = "left"  # batched generation appends on the right
+    return model, processor
+
+
+def image_only_processor(name: str, model_type: str):
+    """The model's own processor class (Qwen2.5-VL, Qwen3-VL, ...) built without its video processor."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    image_only = type("ImageOnly" + base.__name__, (base,), {"check_argument_for_proper_class": lambda self, n, a:
+                      None if a is None else base.check_argument_for_proper_class(self, n, a)})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    return image_only(image_processor=transformers.AutoImageProcessor.from_pretrained(name), tokenizer=tokenizer,
+                      video_processor=None, chat_template=tokenizer.chat_template)
+
+
+def vlm_inputs(vlm: tuple, requests, prefill: str = ""):
+    model, processor = vlm
+    # The prefill is appended to the rendered prompt (not continue_final_message), so nothing trims it.
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
+        tokenize=False, add_generation_prompt=True) + prefill for text, ims in requests]
+    images = [im.convert("RGB") for _, ims in requests for im in ims] or None
+    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+
+
+def local_chat(vlm: tuple, requests, *, max_tokens: int = 2048, batch_size: int = 8) -> list[str]:
+    """Greedy replies of an in-process VLM, `batch_size` requests per generate() call."""
+    model, processor = vlm
+    replies = []
+    for i in range(0, len(requests), batch_size):
+        inputs = vlm_inputs(vlm, requests[i:i + batch_size])
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        replies += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return replies
+
+
+def local_answer_probs(vlm: tuple, requests, batch_size: int = 8) -> list[float]:
+    """Logits mode in process: P(first image better) = p1 / (p1 + p2) at the token after LOGITS_PREFIX."""
+    model, processor = vlm
+    base = processor.tokenizer.encode(LOGITS_PREFIX, add_special_tokens=False)
+    ids = [processor.tokenizer.encode(LOGITS_PREFIX + d, add_special_tokens=False)[len(base):] for d in "12"]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("the judge's tokenizer does not write '1' and '2' as single tokens after LOGITS_PREFIX")
+    probs = []
+    for i in range(0, len(requests), batch_size):
+        inputs = vlm_inputs(vlm, requests[i:i + batch_size], prefill=LOGITS_PREFIX)
+        with torch.inference_mode():  # left padding: the last position is every row's next token
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        probs += torch.sigmoid(logits[:, ids[0][0]] - logits[:, ids[1][0]]).tolist()  # = p1 / (p1 + p2), stable
+    return probs
+
+
+def make_judge(args: Args):
+    """The pairwise judge the flags name: judge(prompts, firsts, seconds) -> (P(first better) or None, info). A server
+    is checked now (a dead one, or one not serving the model, fails here, before any model loads)."""
+    if args.judge_model in ("toy", "colour"):
+        if args.judge_model == "colour":
+            return colour_scorer if args.reward == "pointwise" else colour_judge
+        world = toy_world()
+        return world.scorer if args.reward == "pointwise" else world.judge
+    if args.reward == "pointwise":
+        sys.exit("error: --reward pointwise has the `toy` and `colour` scorers built in; pass train(args, judge=...) "
+                 "a function (prompts, images) -> (scores, info) for another")
+    url, key_env = args.judge_url, args.judge_api_key_env
+    if url:
+        served = served_models(url, key_env)
+        if served and args.judge_model not in served:
+            sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "
+                     f"(it serves: {', '.join(served)})")
+    vlm = None if url else load_local_vlm(args.judge_model, args.device)
+    transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
+                     key_env=key_env, max_side=args.judge_image_size)
+
+    def judge(prompts, firsts, seconds):
+        start = time.perf_counter()
+        requests = [(judge_text(p), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
+        stats = {"failed": 0, "attempts": len(requests)}
+        if args.judge_mode == "generate" and url:
+            replies, stats = server_chat(requests, url, args.judge_model, max_tokens=args.judge_max_tokens, **transport)
+            probs = [parse_verdict(r) for r in replies]
+        elif args.judge_mode == "generate":
+            replies = local_chat(vlm, requests, max_tokens=args.judge_max_tokens)
+            probs = [parse_verdict(r) for r in replies]
+        elif url:  # max_tokens 2: room for a space the server trimmed off the prefill
+            extra = {"logprobs": True, "top_logprobs": 20, "add_generation_prompt": False,
+                     "continue_final_message": True}
+            replies = probs = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
+                                          extract=answer_prob, extra=extra, **transport)[0]
+        else:
+            replies = probs = local_answer_probs(vlm, requests)
+        if stats.get("errors"):
+            tqdm.write(f"judge server: {len(stats['errors'])}/{len(requests)} requests failed after retries "
+                       f"(last: {stats['errors'][-1]})")
+        return probs, {"judge_request_failed": stats["failed"], "judge_attempts": stats["attempts"],
+                       "judge_unparsed": sum(p is None and r is not None for p, r in zip(probs, replies)),
+                       "judge_seconds": time.perf_counter() - start}
+
+    return judge
+
+
+def load_clip(name: str, device) -> tuple:
+    """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    if name == "tiny":
+        torch.manual_seed(0)
+        tokenizer = tiny_tokenizer(16)
+        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                             pad_token_id=0, bos_token_id=1, eos_token_id=1),
+                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+        return CLIPModel(config).to(device).eval(), tokenizer, CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                                     crop_size=32)
+    check_model_name(name, "--clip-model")
+    try:
+        return (CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name),
+                AutoImageProcessor.from_pretrained(name))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        sys.exit(hub_error(name, err, "--clip-model"))
+
+
+@torch.no_grad()
+def clip_scores(clip: tuple, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+    """Cosine similarity of each image's and its prompt's CLIP embeddings, as the official reward (no x100)."""
+    model, tokenizer, processor = clip
+    dev = model.device
+    text = tokenizer(prompts, padding=True, truncation=True, max_length=min(77, tokenizer.model_max_length),
+                     return_tensors="pt").to(dev)
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"].to(dev)
+    out = model(**text, pixel_values=pixels)  # text_embeds and image_embeds come projected and normalised
+    return (out.text_embeds * out.image_embeds).sum(-1).float().cpu()
+
+
+def colour_distance(prompt: str, image: Image.Image) -> float | None:
+    """The smoke test's ground truth: distance from the image's mean colour to the colour the prompt names (RGB in
+    [0, 1]: 0 is perfect, sqrt(3) the worst); None when the prompt names no known colour."""
+    target = next((COLOURS[w] for w in re.findall(r"[a-z]+", prompt.lower()) if w in COLOURS), None)
     if target is None:
         return None
     mean = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0) / 255
     return float(np.linalg.norm(mean - np.array(target)))
 
 
-def toy_judge(prompts, images_a, images_b):
+def colour_judge(prompts, firsts, seconds):
     """Prefers the image whose colours are closer to the colour the prompt names; a hard verdict, like a real judge."""
-    probs = []
-    for prompt, a, b in zip(prompts, images_a, images_b):
-        da, db = toy_colour_distance(prompt, a), toy_colour_distance(prompt, b)
-        probs.append(None if da is None else 0.5 if da == db else float(da < db))
-    return probs, {}
+    dist = [(colour_distance(p, a), colour_distance(p, b)) for p, a, b in zip(prompts, firsts, seconds)]
+    return [None if da is None else 0.5 if da == db else float(da < db) for da, db in dist], {}
 
 
-def toy_scorer(prompts, images):
-    """The pointwise twin of the toy judge: a score per image, 1 - distance / sqrt(3) (1 is the named colour)."""
-    dist = [toy_colour_distance(p, im) for p, im in zip(prompts, images)]
+def colour_scorer(prompts, images):
+    """The pointwise twin of the colour judge: 1 - distance / sqrt(3) per image (1 is the named colour)."""
+    dist = [colour_distance(p, im) for p, im in zip(prompts, images)]
     return [None if d is None else 1 - d / math.sqrt(3) for d in dist], {}
 
 
-def make_judge(args: Args):
-    """The toy judge (or scorer), or a real pairwise reward model (server or in-process) from mllm.py."""
-    if args.judge_model == "toy":
-        return toy_scorer if args.reward == "pointwise" else toy_judge
-    if args.reward == "pointwise":
-        raise SystemExit("error: --reward pointwise has only the toy scorer built in; pass train(args, judge=...) "
-                         "a function (prompts, images) -> (scores, info) for another")
-    import mllm
-
+def toy_world():
+    """The demo's world of shapes (toy_world.py, beside this file): its model, prompts, checker and judge."""
     try:
-        return mllm.make_pairwise_judge(args.judge_model, args.judge_url, mode=args.judge_mode,
-                                        both_orders=args.judge_both_orders, workers=args.judge_workers,
-                                        timeout=args.judge_timeout, retries=args.judge_retries,
-                                        api_key_env=args.judge_api_key_env)
-    except RuntimeError as err:  # e.g. the reward server is down at start
-        raise SystemExit(f"error: {err}") from None
-
-
-def judge_groups(judge, prompts: list[str], images: list[Image.Image], group_size: int):
-    """Judge every pair inside each group (never across groups) in one call; returns the preference matrices
-    P[g, i, j] = P(image i beats image j) with P[g, j, i] = 1 - P[g, i, j], a failed judgment counting as a tie."""
-    G, n_groups = group_size, len(prompts)
-    pairs = [(g, i, j) for g in range(n_groups) for i in range(G) for j in range(i + 1, G)]
-    probs, info = judge([prompts[g] for g, _, _ in pairs], [images[g * G + i] for g, i, _ in pairs],
-                        [images[g * G + j] for g, _, j in pairs])
-    pref = torch.full((n_groups, G, G), 0.5)
-    for (g, i, j), p in zip(pairs, probs):
-        p = 0.5 if p is None else float(p)
-        pref[g, i, j], pref[g, j, i] = p, 1 - p
-    return pref, {"judge_pairs": len(pairs), "judge_failed": sum(p is None for p in probs), **info}
-
-
-def score_groups(scorer, prompts: list[str], images: list[Image.Image], group_size: int):
-    """Pointwise baseline: one score per image, (groups, G); a failed score takes its group's mean (zero advantage)."""
-    scores, info = scorer([p for p in prompts for _ in range(group_size)], images)
-    r = torch.tensor([float("nan") if x is None else float(x) for x in scores]).view(len(prompts), group_size)
-    fill = torch.nanmean(r, 1, keepdim=True).nan_to_num(0.0).expand_as(r)
-    return torch.where(r.isnan(), fill, r), {"judge_failed": sum(x is None for x in scores), **info}
-
-
-# ======================================================================================================================
-# 3. Win rate: each image's share of wins against the other G - 1 images of its group
-# ======================================================================================================================
-def win_rates(pref: torch.Tensor) -> torch.Tensor:
-    """pref (groups, G, G) with pref[g, i, j] = P(i beats j) -> (groups, G) win rates; a complete group sums to G / 2."""
-    G = pref.shape[-1]
-    return (pref.sum(-1) - pref.diagonal(dim1=-2, dim2=-1)) / (G - 1)
-
-
-# ======================================================================================================================
-# 4. Advantage: z-score inside the group, clamped
-# ======================================================================================================================
-def group_advantages(rewards: torch.Tensor, clip: float = 5.0, eps: float = 1e-4) -> torch.Tensor:
-    """(groups, G) rewards -> advantages (r - mean) / (population std + eps), clamped to [-clip, clip].
-    A group whose rewards are all equal carries no signal: its advantages are exactly 0."""
-    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, correction=0, keepdim=True)
-    adv = ((rewards - mean) / (std + eps)).clamp(-clip, clip)
-    return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(adv), adv)
-
-
-# ======================================================================================================================
-# 5. Loss: PPO clipped ratio on per-step log-probs
-# ======================================================================================================================
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float):
-    """mean over samples of max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log_prob - old_log_prob)."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-    with torch.no_grad():
-        stats = {"clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(), "ratio": ratio.mean().item(),
-                 "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().item()}
-    return loss, stats
-
-
-def gaussian_kl(mean, base_mean, std: float) -> torch.Tensor:
-    """KL(N(mean, std^2) || N(base_mean, std^2)) per sample: both steps share the SDE's std, so it is the squared mean
-    gap over 2 std^2. Averaged (not summed) over latent elements, like the log-probs, so --kl-beta does not have to
-    change with the resolution (Flow-GRPO's choice)."""
-    return ((mean - base_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
-
-
-@contextlib.contextmanager
-def adapters_off(transformer):
-    """The base model without a second copy in memory: the same transformer with its LoRA adapter switched off."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
+        import toy_world as world
+    except ModuleNotFoundError:
+        sys.exit("error: the demo (--model toy, --judge-model toy) needs toy_world.py beside pref_grpo.py; this file "
+                 "alone runs real models, or `--model tiny --judge-model colour` as a smoke test")
+    return world
 
 
 # ======================================================================================================================
 # Processes: the same file under torchrun (one process per GPU), on torch.distributed
 # ======================================================================================================================
-# Every process computes the same global prompt list for a step and takes its own slice of whole groups, so a group is
-# sampled, judged and turned into advantages on one process and pairs never cross groups, whatever the batch sizes.
-# LoRA: the weights are replicated; after the backward passes the gradients are summed with one all-reduce (the loss
-# is normalised by the GLOBAL number of kept samples, so the sum is exactly the 1-process gradient even when processes
-# keep different numbers of samples). Not DDP: DDP syncs inside each backward and needs the same number of backward
-# passes everywhere, but a process whose groups all have zero advantage runs none. --full: FSDP2 shards the weights,
-# gradients and optimizer state (a 12B model in float32 with AdamW needs 190 GB); its reduce-scatter sums gradients.
+# Every process computes the same global prompt list for a round and takes its own slice of whole groups, so a group
+# is sampled, judged and turned into advantages on one process. LoRA: the weights are replicated and after each chunk's
+# backward passes the gradients are summed with one all-reduce (each term is weighted by 1 / (chunk x processes x
+# steps), so the sum is the global mean). Not DDP: DDP syncs inside each backward and needs the same number of them
+# everywhere, but zero-advantage trajectories get none. --full: FSDP2 shards weights, gradients and optimizer state.
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -673,33 +1226,32 @@ def shard_transformer(transformer) -> None:
 # ======================================================================================================================
 # Prompts, checkpoints, logging
 # ======================================================================================================================
-def load_prompts(path: str | None) -> list[str]:
+def load_prompts(path: str, flag_name: str = "--prompts") -> list[str]:
     """A .txt file (one prompt a line, blank lines skipped) or a .jsonl file with a "prompt" field per line."""
-    if path is None:
-        return list(TOY_PROMPTS)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: prompt file {path!r} does not exist")
+        sys.exit(f"error: {flag_name} {path!r} does not exist")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        sys.exit(f"error: {flag_name} {path!r} is not a UTF-8 text file ({type(err).__name__})")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    prompt = json.loads(line)["prompt"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SystemExit(f"error: {path}:{n}: expected a JSON object with a \"prompt\" field") from None
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise SystemExit(f"error: {path}:{n}: \"prompt\" must be a non-empty string")
-                line = prompt
+    for n, line in enumerate(lines, 1):
+        if line.strip() and path.endswith(".jsonl"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                sys.exit(f"error: {path}:{n}: expected a JSON object with a \"prompt\" field")
+            if not isinstance(line, str) or not line.strip():
+                sys.exit(f"error: {path}:{n}: \"prompt\" must be a non-empty string")
+        if line.strip():
             prompts.append(line.strip())
     if not prompts:
-        raise SystemExit(f"error: prompt file {path!r} has no prompts")
+        sys.exit(f"error: {flag_name} {path!r} has no prompts")
     return prompts
 
 
 def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[str]:
-    """The prompts of one step: walk through a fresh permutation of the prompt list every epoch."""
+    """The prompts of one round: walk through a fresh permutation of the prompt list every epoch."""
     out = []
     for pos in range(step * count, (step + 1) * count):
         epoch, k = divmod(pos, len(prompts))
@@ -707,9 +1259,17 @@ def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[s
     return out
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder to disk, so that the rename that publishes it never exposes empty files."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank: int = 0) -> Path | None:
-    """Written by rank 0 to a temporary directory and renamed into place, so a kill mid-write never leaves a broken
-    checkpoint. LoRA in diffusers' format (the pipeline's load_lora_weights reads it); --full: the whole transformer
+    """Written by rank 0 to a temporary folder, flushed, and renamed into place: a kill mid-write never leaves a broken
+    checkpoint. LoRA in diffusers' format (a pipeline's load_lora_weights reads it); --full: the whole transformer
     (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name."""
     if args.full:  # a collective under FSDP: every process takes part, rank 0 receives the unsharded tensors
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -740,8 +1300,9 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
             tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
             transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict())
     torch.save(optim, tmp / "optimizer.pt")  # tensors, numbers and names only: loads with weights_only=True
-    # All randomness is keyed by (seed, step), so the step number is the whole RNG state.
-    (tmp / "state.json").write_text(json.dumps({"step": step, "seed": args.seed}))
+    # All randomness is keyed by (seed, step, group), so the step number is the whole RNG state.
+    (tmp / "state.json").write_text(json.dumps({"step": step, **{k: getattr(args, k) for k in FIXED_ON_RESUME}}))
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-args.keep_checkpoints]:
@@ -750,55 +1311,73 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
 
 
 def find_checkpoint(path: str) -> Path:
-    """A checkpoint directory itself, or the latest complete checkpoint of a run directory."""
+    """A checkpoint folder itself, or the latest complete checkpoint of a run folder."""
     p = Path(path)
     if (p / "state.json").is_file():
         return p
     found = sorted((p / "checkpoints").glob("step-*/state.json"))
     if not found:
-        raise SystemExit(f"error: no checkpoint found in {path!r}")
+        sys.exit(f"error: --resume {path}: no checkpoint in it (a run saves one every --save-every rounds)")
     return found[-1].parent
 
 
 def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
-    """Restore trained weights and optimizer state; returns the step to continue from. LoRA: every process reads the
+    """Restore trained weights and optimizer state; returns the round to continue from. LoRA: every process reads the
     (small) files. --full: rank 0 reads them and FSDP broadcasts each tensor, each process keeping its shard."""
     from safetensors.torch import load_file
 
-    if args.full:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        sys.exit(f"error: {ckpt / 'state.json'} is damaged; resume from an earlier checkpoint (pass its folder)")
+    changed = [k for k in FIXED_ON_RESUME if k in state and state[k] != getattr(args, k)]
+    if changed:
+        sys.exit(f"error: {flag(changed[0])} {getattr(args, changed[0])} does not fit the checkpoint {ckpt} (made with "
+                 f"{state[changed[0]]}); drop the flag to resume, or start a new run")
+    try:
+        if args.full:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
 
-        first = not dist.is_initialized() or dist.get_rank() == 0
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
-        state = load_file(next((ckpt / "transformer").glob("*.safetensors"))) if first else {}
-        set_model_state_dict(pipe.transformer, state, options=opts)
-        optim = torch.load(ckpt / "optimizer.pt", weights_only=True) if first else {}
-        set_optimizer_state_dict(pipe.transformer, optimizer, optim, options=opts)
-    else:
-        from peft.utils import set_peft_model_state_dict
+            first = not dist.is_initialized() or dist.get_rank() == 0
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
+            weights = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors") if first else {}
+            set_model_state_dict(pipe.transformer, weights, options=opts)
+            optim = torch.load(ckpt / "optimizer.pt", weights_only=True) if first else {}
+            set_optimizer_state_dict(pipe.transformer, optimizer, optim, options=opts)
+        else:
+            from peft.utils import set_peft_model_state_dict
 
-        state = load_file(ckpt / "pytorch_lora_weights.safetensors")
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(pipe.transformer, state)
-        if getattr(result, "unexpected_keys", None):
-            raise SystemExit(f"error: {ckpt} does not match this model/LoRA configuration")
-        for p in (p for p in pipe.transformer.parameters() if p.requires_grad):
-            p.data = p.data.float()
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())["step"]
+            weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
+            weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+            result = set_peft_model_state_dict(pipe.transformer, weights)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError("its LoRA layers do not match this model")
+            for p in (p for p in pipe.transformer.parameters() if p.requires_grad):
+                p.data = p.data.float()
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    except Exception as err:  # a truncated or foreign file: whatever the loader raises, one line naming the folder
+        sys.exit(f"error: checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:120]}); resume from "
+                 f"an earlier one (pass its folder)")
+    return step
 
 
-def save_grid(images: list[Image.Image], prompts: list[str], columns: int, path: Path) -> None:
-    """One row per prompt, with the prompt written above the row (tiny images are enlarged so the text fits)."""
+def save_grid(images: list[Image.Image], labels: list[str], columns: int, path: Path, frames: list | None = None,
+              gap_after: int | None = None) -> None:
+    """One row per label, written above the row (tiny images are enlarged so the text fits). `frames`: a green (True)
+    or red (False) border per image; `gap_after`: a white gap after that many columns (before | after)."""
     scale = max(1, 128 // images[0].width)
-    w, h, cap = images[0].width * scale, images[0].height * scale, 14
-    grid = Image.new("RGB", (w * columns, (h + cap) * len(prompts)), "white")
+    w, h, cap, gap = images[0].width * scale, images[0].height * scale, 14, 16 if gap_after else 0
+    grid = Image.new("RGB", (w * columns + gap, (h + cap) * len(labels)), "white")
     draw = ImageDraw.Draw(grid)
-    for r, prompt in enumerate(prompts):
-        draw.text((2, r * (h + cap) + 1), prompt[:120], fill="black")
+    for r, label in enumerate(labels):
+        draw.text((2, r * (h + cap) + 1), label[:120], fill="black")
         for c in range(columns):
-            grid.paste(images[r * columns + c].resize((w, h), Image.NEAREST), (c * w, r * (h + cap) + cap))
+            k, x, y = r * columns + c, c * w + (gap if gap_after and c >= gap_after else 0), r * (h + cap) + cap
+            grid.paste(images[k].resize((w, h), Image.NEAREST), (x, y))
+            if frames is not None and frames[k] is not None:
+                draw.rectangle((x, y, x + w - 1, y + h - 1), outline=(0, 170, 0) if frames[k] else (220, 0, 0), width=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -812,221 +1391,264 @@ def peak_memory_gb(device) -> float:
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
-def transition(pipe, batch: dict, idx, j: int, args: Args):
-    """The sampling step j -> j + 1 of samples idx recomputed under the current weights: log-prob of the stored next
-    latent (with gradient), the step's mean and its std."""
-    sig, lat = batch["sigmas"], batch["latents"]
-    v = velocity(pipe, lat[idx, j], float(sig[j]), select(batch["cond"], idx), batch["img_ids"], args.guidance,
-                 args.cfg_scale)
-    _, lp, mean, std = sde_step(v, lat[idx, j], float(sig[j]), float(sig[j + 1]), args.eta, float(sig[1]),
-                                prev=lat[idx, j + 1])
-    return lp, mean, std
-
-
-def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, trained: list[int], args: Args) -> dict:
-    """Recompute the log-probs of the trained steps with gradients and take one optimizer step. Trajectories whose
-    group had zero advantage get no forward/backward at all. Under torchrun each process passes its own groups; the
-    loss is the mean over the kept samples of all processes, so the update is the 1-process one."""
-    dev, keep = batch["latents"].device, torch.nonzero(adv != 0).flatten()
-    n_keep = int(all_reduce({"n": len(keep)}, dev)["n"])
-    sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
-    if n_keep == 0:
-        return {**sums, "grad_norm": 0.0, "skipped_update": 1}
-    chunks = list(keep.split(args.train_batch_size or max(len(keep), 1)))
-    sharded = args.full and world_size() > 1
-    if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes (pad with empties)
-        chunks += [keep[:0]] * (int(all_reduce({"n": len(chunks)}, dev, "max")["n"]) - len(chunks))
-    pipe.transformer.train()
-    for j in trained:
-        for idx in chunks:
-            weight = len(idx) / (n_keep * len(trained))  # mean over trained steps and all processes' kept samples
-            idx = idx if len(idx) else torch.zeros(1, dtype=torch.long)  # a padding pass carries weight 0
-            lp, mean, std = transition(pipe, batch, idx, j, args)
-            loss, s = grpo_loss(lp, batch["log_probs"][idx, j], adv[idx].to(lp.device), args.clip_range)
-            if args.kl_beta:  # KL to the base model on the same transition
-                with torch.no_grad(), adapters_off(pipe.transformer):
-                    base_mean = transition(pipe, batch, idx, j, args)[1]
-                kl = gaussian_kl(mean, base_mean, std).mean()
-                loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
-            (loss * weight).backward()
-            for k in s:
-                sums[k] += s[k] * weight
-            sums["loss"] += loss.item() * weight
-    pipe.transformer.eval()
-    stats = {**all_reduce(sums, dev), "skipped_update": 0}  # per-process shares of the global means -> the means
-    if world_size() > 1 and not sharded:
-        sum_gradients(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    stats["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-    if math.isfinite(stats["grad_norm"]) and math.isfinite(stats["loss"]):
-        optimizer.step()
-    else:  # a NaN/inf loss or gradient must not poison the weights: drop this update, keep training
-        stats["skipped_update"] = 1
-    optimizer.zero_grad(set_to_none=True)
-    return stats
-
-
-def group_seed(seed: int, step: int, group: int) -> int:
-    """A seed for one group of one step, hashed so that nearby (seed, step, group) triples give unrelated streams."""
-    return int(np.random.SeedSequence([seed, step, group]).generate_state(1)[0])
+def group_seed(seed: int, step: int, group: int, stream: int = 0) -> int:
+    """A seed for one group of one round, hashed so that nearby (seed, step, group) give unrelated streams."""
+    return int(np.random.SeedSequence([seed, step, group, stream]).generate_state(1)[0])
 
 
 def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_group: int = 0) -> dict:
-    """Section 1 for one step: a group of G SDE trajectories for each prompt, all in one batched rollout. Each group
-    draws all its noise from its own generator, keyed by (seed, step, global group index): processes sample different
-    images, and a group's images do not depend on how many processes share the step."""
+    """Section 1 for one round: a group of G SDE trajectories per prompt, all in one batched rollout. Each group draws
+    its noise and its trained steps from its own generators, keyed by (seed, step, global group index): processes
+    sample different images, and a group does not depend on how many processes share the round."""
     G, n = args.group_size, len(prompts) * args.group_size
-    groups = range(first_group, first_group + len(prompts))  # global group indices
+    groups = range(first_group, first_group + len(prompts))
     gens = [torch.Generator(device).manual_seed(group_seed(args.seed, step, g)) for g in groups]
     seq_len, img_ids = latent_geometry(pipe, args.resolution)
     sigmas = sigma_schedule(pipe, args.sample_steps, seq_len, args.shift)
-    sde_mask, trained = step_plan(args.sample_steps, args.sde_window, args.train_fraction,  # same on every process
-                                  torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+    sde_mask, trained = step_plan(args.sample_steps, args.sde_window, args.train_fraction,
+                                  [torch.Generator().manual_seed(group_seed(args.seed, step, g, 1)) for g in groups],
+                                  G, torch.Generator().manual_seed(group_seed(args.seed, step, 0, 2)))
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
     if args.same_noise:
         noise = noise.repeat_interleave(G, 0)
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
-    latents, log_probs = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
-                                 args.cfg_scale)
-    return {"latents": latents, "log_probs": log_probs, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
+    latents, log_probs, x0 = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
+                                     args.cfg_scale)
+    return {"latents": latents, "log_probs": log_probs, "x0": x0, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
             "trained": trained}
 
 
-def held_out(pipe, prompts: list[str], args: Args) -> tuple[list[str], list[Image.Image]]:
-    """Images for the before/after comparison: fixed prompts and seeds that training never uses (eta = 0)."""
-    ps = [p for p in prompts[:args.eval_prompts] for _ in range(args.eval_seeds)]
-    seeds = [10**9 + k % args.eval_seeds for k in range(len(ps))]
-    return ps, generate_images(pipe, ps, seeds, steps=args.sample_steps, resolution=args.resolution,
-                               guidance=args.guidance, max_sequence_length=args.max_sequence_length,
-                               cfg_scale=args.cfg_scale)
+def held_out(pipe, prompts: list[str], seeds: list[int], args: Args) -> list[Image.Image]:
+    """Images of the fixed held-out prompts and seeds, deterministic sampler (eta = 0)."""
+    return generate_images(pipe, prompts, seeds, steps=args.sample_steps, resolution=args.resolution,
+                           guidance=args.guidance, max_sequence_length=args.max_sequence_length,
+                           cfg_scale=args.cfg_scale, shift=args.shift)
 
 
-def compare(judge, prompts, before, after, pointwise: bool = False) -> dict:
-    """The judge's win rate of the final policy against the initial one (0.5 = no change), and the toy metric."""
-    if pointwise:  # a scorer's verdict on a pair: the higher score wins
+def compare(judge, clip, world, args: Args, prompts, before, after) -> dict:
+    """The current policy's held-out images against the initial policy's: the judge's win rate (each pair once, the
+    current image shown first in every other pair, so position bias cancels), the CLIP score, the toy checker."""
+    out = {}
+    if args.reward == "pointwise":  # a scorer's verdict on a pair: the higher score wins
         (s1, _), (s0, _) = judge(prompts, after), judge(prompts, before)
-        probs = [None if a is None or b is None else 0.5 if a == b else float(a > b) for a, b in zip(s1, s0)]
+        wins = [None if a is None or b is None else 0.5 if a == b else float(a > b) for a, b in zip(s1, s0)]
     else:
-        probs, _ = judge(prompts, after, before)
-    out = {"win_rate_final_vs_initial": sum(0.5 if p is None else p for p in probs) / len(probs)}
-    d0 = [toy_colour_distance(p, im) for p, im in zip(prompts, before)]
-    d1 = [toy_colour_distance(p, im) for p, im in zip(prompts, after)]
-    if None not in d0:
-        out["colour_distance_initial"], out["colour_distance_final"] = sum(d0) / len(d0), sum(d1) / len(d1)
+        swap = [k % 2 == 1 for k in range(len(prompts))]
+        p, _ = judge(prompts, [b if s else a for a, b, s in zip(after, before, swap)],
+                     [a if s else b for a, b, s in zip(after, before, swap)])
+        wins = [None if x is None else 1 - x if s else x for x, s in zip(p, swap)]
+    out["eval_win_rate_vs_initial"] = sum(0.5 if w is None else w for w in wins) / len(wins)
+    if clip:
+        out["eval_clip_score"] = clip_scores(clip, prompts, after).mean().item()
+    if world:
+        out.update({f"eval_checker_{k}": v for k, v in world.accuracy(prompts, after).items()})
     return out
 
 
 def train(args: Args, judge=None) -> dict:
     """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
     pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.prompts_per_step % world:
-        raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per step over "
-                         f"all {world} processes and must be a multiple of {world}: each process takes whole groups")
+    world_env = int(os.environ.get("WORLD_SIZE", 1))
+    per_rank = args.prompts_per_step // world_env or 1
+    if args.prompts_per_step % world_env:
+        sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
+                 f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
+    toy = toy_world() if "toy" in (args.model, args.judge_model) else None
+    if args.prompts is None and args.model != "toy" and not args.model.startswith("tiny"):
+        sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
+    prompts = load_prompts(args.prompts) if args.prompts else toy.TRAIN_PROMPTS if args.model == "toy" else TINY_PROMPTS
+    eval_ps = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
+               toy.EVAL_PROMPTS if args.model == "toy" else prompts)[:args.eval_count]
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if not ckpt and ((run_dir / "args.json").exists() or (run_dir / "metrics.jsonl").exists()):
+        sys.exit(f"error: --output-dir {run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
+                 "another folder")
     own_group = not dist.is_initialized()
     rank, world, device = init_distributed(args)
-    main, sharded, per_rank = rank == 0, args.full and world > 1, args.prompts_per_step // world
-    prompts = load_prompts(args.prompts)
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = [str(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))]
+    main, sharded = rank == 0, args.full and world > 1
     if world > 1:  # rank 0's clock names a new run
-        dist.broadcast_object_list(run_dir, src=0)
-    run_dir = Path(run_dir[0])
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        names = [str(run_dir)]
+        dist.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
     judge = judge or make_judge(args)  # before the (slow) model load: a dead reward server fails at once
-    pipe = load_pipeline(args.model, device)
+    clip = load_clip(args.clip_model, device) if args.clip_model else None
+    pipe = load_pipeline(str(toy.pretrained_model()) if args.model == "toy" else args.model, device)
+    checker = toy if args.model == "toy" else None
+    latent_geometry(pipe, args.resolution)  # a resolution the model cannot take fails now, not after the first round
 
-    # Initial policy images for the final comparison, made before any update (and kept on disk for resumed runs).
+    # The initial policy's held-out images, made before any update and kept on disk for resumed runs.
     eval_dir = run_dir / "eval"
-    if main and args.eval_seeds and not (eval_dir / "before").exists():
-        ps, imgs = held_out(pipe, prompts, args)
-        for k, im in enumerate(imgs):
-            (eval_dir / ".before").mkdir(parents=True, exist_ok=True)
-            im.save(eval_dir / ".before" / f"{k:04d}.png")
-        os.replace(eval_dir / ".before", eval_dir / "before")
+    eval_seeds = [10**9 + s for s in range(args.eval_seeds)]
+    eval_ps = [p for p in eval_ps for _ in eval_seeds]
+    eval_seeds = eval_seeds * (len(eval_ps) // max(len(eval_seeds), 1))
+    before = []
+    if args.eval_seeds and (main or sharded):  # FSDP forwards are collective: then every process samples
+        if main and (eval_dir / "before").is_dir() and len(list((eval_dir / "before").glob("*.png"))) == len(eval_ps):
+            before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(eval_ps))]
+        else:
+            before = held_out(pipe, eval_ps, eval_seeds, args)
+            if main:
+                shutil.rmtree(eval_dir / ".before", ignore_errors=True)
+                (eval_dir / ".before").mkdir(parents=True)
+                for k, im in enumerate(before):
+                    im.save(eval_dir / ".before" / f"{k:04d}.png")
+                shutil.rmtree(eval_dir / "before", ignore_errors=True)
+                os.replace(eval_dir / ".before", eval_dir / "before")
 
     params = trainable_parameters(pipe, args)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     if args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda":
         pipe.transformer.enable_gradient_checkpointing()
     start = load_checkpoint(ckpt, pipe, optimizer, args) if ckpt else 0
+    resolved = {k: v for k, v in dataclasses.asdict(args).items()}
+    if main and ckpt:  # one metrics line per round: drop the lines of rounds after the checkpoint
+        metrics_file = run_dir / "metrics.jsonl"
+        if metrics_file.exists():
+            lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
+            metrics_file.with_suffix(".tmp").write_text("".join(ln + "\n" for ln in kept))
+            os.replace(metrics_file.with_suffix(".tmp"), metrics_file)
+        saved = json.loads((run_dir / "args.json").read_text())
+        changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
+        if changed:  # args.json keeps the run's first flags; the changes are recorded beside it
+            with open(run_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"step": start, "changed": changed}) + "\n")
+        print(f"resuming {run_dir} at round {start}" + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in
+                                                               changed.items()))
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
     if main:
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         n_params = sum(p.numel() for p in params)  # a DTensor shard counts its whole tensor
-        print(f"run dir {run_dir} | {'full' if args.full else 'LoRA'} {n_params / 1e6:.2f}M trainable params | "
-              f"{world} process(es){', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge {args.judge_model} "
-              f"| steps {start}->{args.train_steps}")
+        overrides = [flag(k) for k in args.given if args.preset and k in PRESETS[args.preset]]
+        print(f"run {run_dir} | preset {args.preset or 'none'}"
+              f"{' (overridden: ' + ', '.join(overrides) + ')' if overrides else ''} | model {args.model} | "
+              f"{'full' if args.full else 'LoRA'} {n_params / 1e6:.2f}M trainable | {world} process(es)"
+              f"{', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge {args.judge_model} "
+              f"({args.judge_order} order) | rounds {start}->{args.train_steps}")
+        if args.judge_order != "both":
+            print("judge_order_disagree is measured only with --judge-order both")
+    wandb = start_wandb(args, run_dir, resolved) if main and args.wandb_project else None
 
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",
                disable=not main)
-    for step in bar:
-        t0 = time.perf_counter()
-        step_ps = step_prompts(prompts, step, args.prompts_per_step, args.seed)  # the global list, same everywhere
-        mine = step_ps[rank * per_rank:(rank + 1) * per_rank]                     # this process's whole groups
-        batch = sample_batch(pipe, mine, step, args, device, rank * per_rank)     # 1. sample
-        t1 = time.perf_counter()
-        images = decode(pipe, batch["latents"][:, -1], args.resolution)
-        t2 = time.perf_counter()
-        if args.reward == "pairwise":
-            pref, judge_info = judge_groups(judge, mine, images, args.group_size)      # 2. judge pairs
-            rewards = win_rates(pref)                                                  # 3. win rates
-        else:
-            rewards, judge_info = score_groups(judge, mine, images, args.group_size)
-        t3 = time.perf_counter()
-        adv = group_advantages(rewards, args.adv_clip).flatten()                       # 4. advantages
-        stats = train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)  # 5. loss + update
-        t4 = time.perf_counter()
+    done, saved_at, result = start, start, {}
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            step_ps = step_prompts(prompts, step, per_rank * world, args.seed)  # the global list, same everywhere
+            mine = step_ps[rank * per_rank:(rank + 1) * per_rank]             # this process's whole groups
+            batch = sample_batch(pipe, mine, step, args, device, rank * per_rank)               # 1. sample
+            images = decode(pipe, batch["x0"], args.resolution)
+            t1 = time.perf_counter()
+            if args.reward == "pairwise":
+                pref, judge_info = judge_groups(judge, mine, images, args.group_size, args.judge_order)  # 2. judge
+                rewards = win_rates(pref)                                                          # 3. win rates
+            else:
+                rewards, judge_info = score_groups(judge, mine, images, args.group_size)
+            all_rewards, weights = [rewards], [args.pref_weight]
+            if clip:
+                clip_r = clip_scores(clip, [p for p in mine for _ in range(args.group_size)], images)
+                all_rewards.append(clip_r.view_as(rewards))
+                weights.append(args.clip_weight)
+            t2 = time.perf_counter()
+            adv = group_advantages(all_rewards, weights, args.adv_clip).flatten()                 # 4. advantages
+            stats = train_step(pipe, params, optimizer, batch, adv, args)                        # 5. loss, updates
+            t3 = time.perf_counter()
 
-        # Metrics of the global batch: rewards gathered, judge counts (ints) summed and rates (floats) averaged.
-        rewards, adv = gather(rewards, device), gather(adv, device)
-        if world > 1:
-            summed = all_reduce(judge_info, device)
-            judge_info = {k: int(v) if type(judge_info[k]) is int else v / world for k, v in summed.items()}
-        zero = (adv.view(-1, args.group_size) == 0).all(1)
-        metrics = {"step": step + 1, "reward_mean": rewards.mean().item(),
-                   "reward_group_std": rewards.std(1, correction=0).mean().item(),
-                   "adv_abs_mean": adv.abs().mean().item(), "adv_max": adv.max().item(), "adv_min": adv.min().item(),
-                   "skipped_groups": int(zero.sum()), "trained_steps": len(batch["trained"]), **stats, **judge_info,
-                   "time_sample": t1 - t0, "time_decode": t2 - t1, "time_judge": t3 - t2, "time_train": t4 - t3,
-                   "images_per_s": len(images) * world / (t4 - t0),
-                   "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"]}
-        if args.judge_model == "toy":  # the demo's ground truth, when every prompt names a colour
-            dists = [toy_colour_distance(mine[k // args.group_size], im) for k, im in enumerate(images)]
-            dists = gather(torch.tensor([math.nan if d is None else d for d in dists]), device)
-            if not dists.isnan().any():
-                metrics["colour_distance"] = dists.mean().item()
+            # Metrics of the global batch: rewards gathered, judge counts (ints) summed and rates (floats) averaged.
+            rewards, adv = gather(rewards, device), gather(adv, device)
+            if world > 1:
+                summed = all_reduce(judge_info, device)
+                judge_info = {k: int(v) if type(judge_info[k]) is int else v / world for k, v in summed.items()}
+            metrics = {"step": step + 1, "reward_mean": rewards.mean().item(),
+                       "reward_group_std": rewards.std(1, correction=0).mean().item(),
+                       "adv_abs_mean": adv.abs().mean().item(), "adv_max": adv.max().item(),
+                       "adv_min": adv.min().item(),
+                       "zero_adv_groups": int((adv.view(-1, args.group_size) == 0).all(1).sum()),
+                       "trained_transitions": batch["trained"].shape[1], **stats, **judge_info,
+                       "time_sample": t1 - t0, "time_judge": t2 - t1, "time_train": t3 - t2,
+                       "images_per_s": len(images) * world / (t3 - t0),
+                       "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"]}
+            if clip:
+                metrics["clip_score"] = gather(clip_r, device).mean().item()
+            if args.eval_every and (step + 1) % args.eval_every == 0 and before:
+                metrics.update(compare(judge, clip, checker, args, eval_ps, before,
+                                       held_out(pipe, eval_ps, eval_seeds, args)))
+            if main:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("eval_win_rate_vs_initial", "eval_checker_all",
+                                                                   "loss", "images_per_s") if k in metrics})
+                if (step + 1) % args.sample_every == 0 or step + 1 == args.train_steps:  # rank 0's groups
+                    grid = run_dir / "samples" / f"step-{step + 1:06d}.png"
+                    save_grid(images, mine, args.group_size, grid)
+                    metrics["samples"] = grid
+                if wandb:
+                    wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
+                              step=step + 1)
+            done = step + 1
+            if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
+                save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
+                saved_at = done
+    except KeyboardInterrupt:
+        bar.close()
+        if done > saved_at:
+            save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
         if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(reward_std=f"{metrics['reward_group_std']:.3f}", loss=f"{stats['loss']:.2e}",
-                            img_s=f"{metrics['images_per_s']:.1f}")
-            if (step + 1) % args.sample_every == 0 or step + 1 == args.train_steps:  # rank 0's groups
-                save_grid(images, mine, args.group_size, run_dir / "samples" / f"step-{step + 1:06d}.png")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.train_steps:  # every process: FSDP gathers
-            save_checkpoint(run_dir, step + 1, pipe, optimizer, args, rank)
+            print(f"interrupted after round {done} (checkpoint saved); continue with: python pref_grpo.py --resume "
+                  f"{run_dir}", file=sys.stderr)
+        sys.exit(130)
 
-    result = {}
-    if args.eval_seeds and (main or sharded):  # FSDP forwards are collective: then every process samples them
-        ps, after = held_out(pipe, prompts, args)
-    if args.eval_seeds and main:
-        before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(ps))]
+    if before and main:  # the final comparison: the initial policy's held-out images against the final policy's
+        after = held_out(pipe, eval_ps, eval_seeds, args)
+        end = compare(judge, clip, checker, args, eval_ps, before, after)
+        result = {"win_rate_final_vs_initial": end["eval_win_rate_vs_initial"]}
+        if clip:
+            result.update(clip_score_initial=clip_scores(clip, eval_ps, before).mean().item(),
+                          clip_score_final=end["eval_clip_score"])
+        frames = None
+        if checker:
+            for when, imgs in (("initial", before), ("final", after)):
+                for k, v in checker.accuracy(eval_ps, imgs).items():
+                    result[f"checker_accuracy_{when}" + ("" if k == "all" else f"_{k}")] = v
+            frames = [all(checker.check(p, im).values()) for p, im in zip(eval_ps + eval_ps, before + after)]
+        S = args.eval_seeds  # one row per prompt: its held-out seeds before training, a gap, then after
+        rows = range(0, len(eval_ps), S)
+        save_grid([im for k in rows for im in before[k:k + S] + after[k:k + S]],
+                  [f"{p}: before | after" for p in eval_ps[::S]], 2 * S, eval_dir / "before_after.png",
+                  frames=[f for k in rows for f in (frames[k:k + S] + frames[len(before) + k:len(before) + k + S])]
+                  if frames else None, gap_after=S)
+        (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
         (eval_dir / "after").mkdir(exist_ok=True)
         for k, im in enumerate(after):
             im.save(eval_dir / "after" / f"{k:04d}.png")
-        S = args.eval_seeds  # one row per prompt: its held-out seeds before training, then after
-        save_grid([im for k in range(0, len(ps), S) for im in before[k:k + S] + after[k:k + S]],
-                  [f"{p}: {S} before | {S} after" for p in ps[::S]], 2 * S, eval_dir / "before_after.png")
-        result = compare(judge, ps, before, after, pointwise=args.reward == "pointwise")
-        (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
-        print(f"held-out ({len(ps)} images, seeds never trained on): judge win rate of final vs initial policy "
-              f"{result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
-        if "colour_distance_initial" in result:
-            print(f"toy metric, distance to the prompt's colour (lower is better): "
-                  f"{result['colour_distance_initial']:.3f} -> {result['colour_distance_final']:.3f}")
+        print(f"held-out ({len(eval_ps)} images, seeds never trained on): judge win rate of the final vs the initial "
+              f"policy {result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
+        if checker:
+            print("checker accuracy, initial -> final: " + ", ".join(
+                f"{k} {result[f'checker_accuracy_initial{s}']:.2f} -> {result[f'checker_accuracy_final{s}']:.2f}"
+                for k, s in [("all-correct", "")] + [(k, "_" + k) for k in ("colour", "shape", "count", "side")]
+                if f"checker_accuracy_initial{s}" in result))
+        if wandb:
+            wandb.log({"before_after": wandb.Image(str(eval_dir / "before_after.png")), **result}, step=done)
+    if wandb:
+        wandb.finish()
     if own_group and dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def start_wandb(args: Args, run_dir: Path, config: dict):
+    """Weights & Biases, only when asked for (an optional dependency, imported here and nowhere else)."""
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
+    wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
+               id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
+    return wandb
 
 
 if __name__ == "__main__":
