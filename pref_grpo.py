@@ -223,28 +223,23 @@ PRESETS = {
                  sample_every=10, eval_every=20, eval_seeds=4),
 }
 
-# Range checks run when the flags are parsed: flag -> (test, what is allowed).
-CHECKS = {
-    "train_steps": (lambda v: v >= 1, "at least 1"), "prompts_per_step": (lambda v: v >= 0, "0 or more"),
-    "group_size": (lambda v: v >= 2, "at least 2: rewards are win rates inside a group"),
-    "sample_steps": (lambda v: v >= 2, "at least 2: the last transition is never trained"),
-    "resolution": (lambda v: v >= 8, "at least 8"), "guidance": (lambda v: v >= 0, "0 or more"),
-    "cfg_scale": (lambda v: v >= 1, "at least 1 (1 = off)"), "eta": (lambda v: 0 < v <= 10, "in (0, 10]"),
-    "shift": (lambda v: v is None or v > 0, "positive"), "sde_window": (lambda v: v >= 0, "0 or more"),
-    "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_sequence_length": (lambda v: v >= 1, "at least 1"),
-    "judge_max_tokens": (lambda v: v >= 1, "at least 1"), "judge_image_size": (lambda v: v >= 0, "0 or more"),
-    "judge_workers": (lambda v: v >= 1, "at least 1"), "judge_timeout": (lambda v: v > 0, "positive"),
-    "judge_retries": (lambda v: v >= 0, "0 or more"), "pref_weight": (lambda v: v >= 0, "0 or more"),
-    "clip_weight": (lambda v: v >= 0, "0 or more"), "adv_clip": (lambda v: v > 0, "positive"),
-    "clip_range": (lambda v: 0 < v < 1, "in (0, 1)"), "kl_beta": (lambda v: v >= 0, "0 or more"),
-    "lr": (lambda v: 0 < v < 1, "in (0, 1)"), "weight_decay": (lambda v: v >= 0, "0 or more"),
-    "max_grad_norm": (lambda v: v > 0, "positive"), "accum": (lambda v: v >= 0, "0 or more"),
-    "train_batch_size": (lambda v: v >= 0, "0 or more"), "lora_rank": (lambda v: v >= 1, "at least 1"),
-    "lora_alpha": (lambda v: v > 0, "positive"), "save_every": (lambda v: v >= 1, "at least 1"),
-    "keep_checkpoints": (lambda v: v >= 1, "at least 1"), "sample_every": (lambda v: v >= 1, "at least 1"),
-    "eval_every": (lambda v: v >= 0, "0 or more"), "eval_count": (lambda v: v >= 1, "at least 1"),
-    "eval_seeds": (lambda v: v >= 0, "0 or more"),
-}
+# Allowed values, checked when the flags are parsed.
+RANGES = dict(
+    train_steps="[1,inf)", prompts_per_step="[0,inf)", group_size="[2,inf)", sample_steps="[2,inf)",
+    resolution="[8,inf)", guidance="[0,inf)", cfg_scale="[1,inf)", eta="(0,10]", shift="(0,inf)", sde_window="[0,inf)",
+    train_fraction="(0,1]", max_sequence_length="[1,inf)", judge_max_tokens="[1,inf)", judge_image_size="[0,inf)",
+    judge_workers="[1,inf)", judge_timeout="(0,inf)", judge_retries="[0,inf)", pref_weight="[0,inf)",
+    clip_weight="[0,inf)", adv_clip="(0,inf)", clip_range="(0,1)", kl_beta="[0,inf)", lr="(0,1)",
+    weight_decay="[0,inf)", max_grad_norm="(0,inf)", accum="[0,inf)", train_batch_size="[0,inf)", lora_rank="[1,inf)",
+    lora_alpha="(0,inf)", save_every="[1,inf)", keep_checkpoints="[1,inf)", sample_every="[1,inf)",
+    eval_every="[0,inf)", eval_count="[1,inf)", eval_seeds="[0,inf)")
+
+
+def in_range(value, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
 # What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
 FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
 
@@ -306,9 +301,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
         sys.exit(f"error: --preset must be one of {', '.join(PRESETS)} (got {preset!r})")
     args = Args(**{**values, **(PRESETS[preset] if preset and not base else {}), **base, **given, "preset": preset})
     args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
-    for name, (ok, allowed) in CHECKS.items():
-        if not ok(getattr(args, name)):
-            sys.exit(f"error: {flag(name)} must be {allowed} (got {getattr(args, name)})")
+    for name, interval in RANGES.items():
+        if getattr(args, name) is not None and not in_range(getattr(args, name), interval):
+            sys.exit(f"error: {flag(name)} must be in {interval} (got {getattr(args, name)})")
     if args.sde_window >= args.sample_steps:
         sys.exit("error: --sde-window must be below --sample-steps (the last transition is never trained)")
     if args.kl_beta > 0 and args.full:  # a frozen copy of a 12B transformer would cost 24 GB more per GPU
@@ -489,8 +484,9 @@ def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, o
             # exchangeable, so a fixed schedule measures the judge, not the images)
             "judge_first_preferred": sum(valid) / len(valid) if valid else 0.5, **info}
     if order == "both":  # pairs whose two orders prefer different images; measurable in this mode only
-        n = len(reqs) // 2
-        both = [(x, y) for x, y in zip(p_first[:n], p_first[n:]) if x is not None and y is not None]
+        per, half = len(schedule), len(schedule) // 2  # a group's requests: its pairs, then the same swapped
+        both = [(p_first[g * per + i], p_first[g * per + half + i]) for g in range(len(prompts)) for i in range(half)]
+        both = [(x, y) for x, y in both if x is not None and y is not None]
         info["judge_order_disagree"] = sum((x - 0.5) * (0.5 - y) < 0 for x, y in both) / max(len(both), 1)
     return pref, info
 
@@ -700,7 +696,7 @@ def hub_error(name: str, err: Exception, what: str) -> str:
                 "(`hf auth login`) or set HF_TOKEN")
     if "RepositoryNotFound" in kind or "404" in text:
         return f"error: {what} {name!r}: no such repository on the hub (check the id; private ones need HF_TOKEN)"
-    if "LocalEntryNotFound" in kind or "offline" in text.lower() or "cannot find the requested files" in text:
+    if "LocalEntryNotFound" in kind or re.search(r"offline|not fully cached|outgoing traffic|requested files", text):
         return (f"error: {what} {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
                 f"(offline?): download it first (`hf download {name}`) or pass a local folder")
     return f"error: cannot load {what} {name!r}: {text.strip().splitlines()[0] if text.strip() else kind}"
@@ -940,11 +936,14 @@ def reply_text(data: dict) -> str:
 def answer_prob(data: dict) -> float | None:
     """Logits mode over a server: p1 / (p1 + p2) from the top log-probs of the first generated token that is not
     whitespace (a server may trim the prefill's trailing space; the model then writes it first)."""
-    for step in data["choices"][0]["logprobs"]["content"]:
-        top = [(t["token"].strip(), math.exp(t["logprob"])) for t in step["top_logprobs"]]
-        if step["token"].strip() or not top:
-            p1, p2 = (sum(p for tok, p in top if tok == d) for d in "12")  # a digit not in the top list counts as 0
-            return p1 / (p1 + p2) if p1 + p2 > 0 else None
+    try:
+        for step in data["choices"][0]["logprobs"]["content"]:
+            top = [(t["token"].strip(), math.exp(t["logprob"])) for t in step["top_logprobs"]]
+            if step["token"].strip() or not top:
+                p1, p2 = (sum(p for tok, p in top if tok == d) for d in "12")  # a digit not listed counts as 0
+                return p1 / (p1 + p2) if p1 + p2 > 0 else None
+    except (LookupError, TypeError, ValueError, OverflowError):
+        pass  # a server that returns no (usable) log-probs: a failed judgment, not worth a retry
     return None
 
 
@@ -1076,8 +1075,9 @@ def make_judge(args: Args):
         elif url:  # max_tokens 2: room for a space the server trimmed off the prefill
             extra = {"logprobs": True, "top_logprobs": 20, "add_generation_prompt": False,
                      "continue_final_message": True}
-            replies = probs = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
-                                          extract=answer_prob, extra=extra, **transport)[0]
+            probs, stats = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
+                                       extract=answer_prob, extra=extra, **transport)
+            replies = probs
         else:
             replies = probs = local_answer_probs(vlm, requests)
         if stats.get("errors"):
@@ -1454,7 +1454,9 @@ def train(args: Args, judge=None) -> dict:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
                  f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
     toy = toy_world() if "toy" in (args.model, args.judge_model) else None
-    if args.prompts is None and args.model != "toy" and not args.model.startswith("tiny"):
+    if args.model not in ("toy", "tiny", "tiny-sd3"):
+        check_model_name(args.model, "--model")
+    if args.prompts is None and args.model not in ("toy", "tiny", "tiny-sd3"):
         sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
     prompts = load_prompts(args.prompts) if args.prompts else toy.TRAIN_PROMPTS if args.model == "toy" else TINY_PROMPTS
     eval_ps = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
@@ -1579,6 +1581,8 @@ def train(args: Args, judge=None) -> dict:
             if main:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            done = step + 1  # logged: from here on, an interruption saves this round
+            if main:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("eval_win_rate_vs_initial", "eval_checker_all",
                                                                    "loss", "images_per_s") if k in metrics})
                 if (step + 1) % args.sample_every == 0 or step + 1 == args.train_steps:  # rank 0's groups
@@ -1588,7 +1592,6 @@ def train(args: Args, judge=None) -> dict:
                 if wandb:
                     wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
                               step=step + 1)
-            done = step + 1
             if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
                 save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
                 saved_at = done
@@ -1652,4 +1655,7 @@ def start_wandb(args: Args, run_dir: Path, config: dict):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except KeyboardInterrupt:  # before the first round finished: nothing to save
+        sys.exit("interrupted")

@@ -19,8 +19,10 @@ import pref_grpo as pg
 ROOT = Path(__file__).resolve().parent
 # 2 groups of G = 3 per process (a process holds several groups), micro-batches of 4 (not a multiple of G, nor of the
 # 6 trajectories a process holds), and a KL term, so every part of train_step meets the process split.
-FLAGS = ["--resolution", "32", "--sample-steps", "4", "--prompts-per-step", "4", "--group-size", "3",
-         "--train-batch-size", "4", "--eval-seeds", "0", "--save-every", "1", "--sample-every", "1", "--device", "cpu"]
+# --accum 0: one update per round, the same on 1 and 2 processes (a chunk of --accum trajectories is per process).
+FLAGS = ["--model", "tiny", "--resolution", "32", "--sample-steps", "4", "--prompts-per-step", "4", "--group-size",
+         "3", "--train-batch-size", "4", "--eval-seeds", "0", "--save-every", "1", "--sample-every", "1", "--device",
+         "cpu", "--accum", "0"]
 
 
 def torchrun(script, *flags):
@@ -53,7 +55,7 @@ import pref_grpo as pg
 
 out, decoded, checks = {out!r}, [], []
 decode, save = pg.decode, pg.save_checkpoint
-judge = pg.make_judge(pg.parse_args([]))
+judge = pg.make_judge(pg.parse_args(["--model", "tiny"]))
 
 def recording_decode(*a):
     decoded[:] = decode(*a)
@@ -104,7 +106,7 @@ def test_two_lora_processes_equal_one_process_over_the_same_global_batch(tmp_pat
             assert torch.allclose(one[k], two[k], atol=3e-2 * (1e-3 if step == 1 else 1e-2)), (step, k)
     m = metrics(tmp_path / "two")
     assert_same_metrics(metrics(tmp_path / "one"), m)
-    assert m[0]["judge_pairs"] == 4 * 3 and m[0]["kl"] == 0 and m[1]["kl"] > 0  # global counts; untouched LoRA: KL 0
+    assert m[0]["judge_requests"] == 4 * 3 and m[0]["kl"] == 0 and m[1]["kl"] > 0  # global counts; untouched LoRA: KL 0
     # rank 0 alone writes: one metrics line per step, one grid per step
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["args.json", "checkpoints", "metrics.jsonl",
                                                                      "samples"]
@@ -116,7 +118,7 @@ def test_fsdp2_full_fine_tuning_on_two_processes_and_resume(tmp_path):
     and a resumed 2-process run continues exactly like an uninterrupted 1-process run."""
     flags = [*FLAGS, "--full", "--lr", "1e-3"]
     torchrun("pref_grpo.py", *flags, "--train-steps", "1", "--output-dir", str(tmp_path / "two"))
-    r = torchrun("pref_grpo.py", *flags, "--train-steps", "2", "--resume", str(tmp_path / "two"))
+    r = torchrun("pref_grpo.py", "--train-steps", "2", "--resume", str(tmp_path / "two"))
     assert "FSDP2" in r.stdout
     pg.train(pg.parse_args([*flags, "--train-steps", "2", "--output-dir", str(tmp_path / "one")]))
 
