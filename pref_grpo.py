@@ -68,32 +68,28 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 class Args:
     # --- model and data
     model: str = "toy"
-    """a FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or local
-    folder; `toy`: the demo's tiny FLUX pretrained on a world of shapes (needs toy_world.py); `tiny` / `tiny-sd3`: a
-    small random FLUX / SD3.5 built in a second (smoke tests)"""
+    """FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or folder;
+    `toy`: the demo's tiny FLUX pretrained on a world of shapes (toy_world.py); `tiny`, `tiny-sd3`: random, for tests"""
     preset: str | None = None
-    """set every value of an official recipe at once (see PRESETS); flags given on the command line override it;
-    default: `demo` for --model toy/tiny, none otherwise"""
+    """every value of an official recipe (PRESETS) at once, under the flags given; default: demo for toy/tiny models"""
     prompts: str | None = None
-    """training prompts: a .txt file (one a line) or a .jsonl file with a "prompt" field; default: the toy world's"""
+    """training prompts: .txt (one a line) or .jsonl (a "prompt" field); default: the toy world's"""
     eval_prompts: str | None = None
-    """held-out prompts for --eval-every and the final comparison (same formats); default: the toy world's held-out
-    prompts, or the first --eval-count training prompts (then only the seeds are unseen)"""
+    """held-out prompts (same formats); default: the toy world's held-out ones, else the first --eval-count prompts"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, sample grids, evaluations and checkpoints go (default: runs/<date-time>)"""
+    """where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go (default: runs/<date-time>)"""
     resume: str | None = None
     """a run folder (continue from its latest checkpoint, with its args.json) or one checkpoint folder"""
     seed: int = 0
-    """every random draw is a function of (seed, step, group), so a resumed run repeats an uninterrupted one exactly"""
+    """every random draw is a function of (seed, round, group): a resumed run repeats an uninterrupted one"""
     device: str | None = None
     """cuda, cuda:1, cpu, ... (default: cuda when available)"""
 
     # --- sampling
     train_steps: int = 300
-    """sampling rounds (each: sample, judge, then --accum-sized optimizer updates)"""
+    """sampling rounds (each: sample, judge, then optimizer updates of --accum trajectories)"""
     prompts_per_step: int = 0
-    """prompts per round over ALL processes (a multiple of their number), a group of --group-size images each; each
-    process samples, judges and trains whole groups. 0: one prompt per process, as the official runs"""
+    """prompts per round over all processes (a multiple of their number), a group each; 0: one per process (official)"""
     group_size: int = 8
     """G: images per prompt; rewards and advantages are computed inside each group"""
     sample_steps: int = 25
@@ -101,61 +97,53 @@ class Args:
     resolution: int = 720
     """image height and width in pixels (a multiple of the model's latent patch: 16 for FLUX.1-dev)"""
     guidance: float = 3.5
-    """FLUX.1-dev's distilled guidance embedding (no true classifier-free guidance needed); SD3 has none"""
+    """FLUX.1-dev's distilled guidance embedding; SD3 has none"""
     cfg_scale: float = 1.0
-    """true classifier-free guidance v = v_empty + s (v_prompt - v_empty) in sampling AND training forwards (doubles
-    their batch); 1 = off (FLUX.1-dev); Flow-GRPO uses 4.5 for SD3.5"""
+    """true classifier-free guidance in sampling and training forwards (doubles their batch); 1: off; SD3.5: 4.5"""
     eta: float = 0.7
-    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma)); must be > 0 (the log-probs need noise)"""
+    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma))"""
     shift: float | None = 3.0
-    """fixed flow shift of the sigma schedule (official: 3); none: the resolution-dependent shift of FLUX's scheduler"""
+    """fixed flow shift of the sigma schedule (official: 3); none: FLUX's resolution-dependent shift"""
     same_noise: bool = True
     """all images of a group start from the same initial noise (the SDE noise alone makes them differ)"""
     sde_window: int = 0
-    """if > 0, use the SDE only on a random window of this many consecutive steps and deterministic Euler elsewhere
-    (MixGRPO / Flow-GRPO-Fast); only window steps are trained. 0: SDE on every step"""
+    """> 0: SDE only on a random window of this many steps, Euler elsewhere (MixGRPO); 0: SDE on every step"""
     train_fraction: float = 0.6
-    """fraction of each trajectory's transitions (the last one excluded) that get a training pass, drawn afresh for
-    every trajectory (official: 14 of 24)"""
+    """share of each trajectory's transitions (never the last) trained, drawn per trajectory (official: 14 of 24)"""
     max_sequence_length: int = 512
-    """T5 prompt length in tokens (capped by the tokenizer's own limit)"""
+    """T5 prompt length in tokens"""
 
     # --- judge
     reward: Literal["pairwise", "pointwise"] = "pairwise"
-    """`pairwise`: win rates from a pairwise judge (Pref-GRPO); `pointwise`: a scorer's scores z-scored as plain GRPO
-    does (the baseline the paper argues against; built in: the `colour` scorer)"""
+    """pairwise: win rates (Pref-GRPO); pointwise: a scorer's scores, z-scored as plain GRPO does (the baseline)"""
     judge_model: str | None = None
-    """a served model name (with --judge-url; official: UnifiedReward), a hub id / folder of a pairwise VLM loaded in
-    this process (CodeGoat24/UnifiedReward-Think-qwen-7b), `toy` (the toy world's checker) or `colour` (prefers the
-    colour a prompt names); default: toy for --model toy, colour for tiny models, UnifiedReward otherwise"""
+    """served name (with --judge-url), or hub id / folder of a VLM run in this process
+    (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward"""
     judge_url: str | None = None
-    """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1 (vLLM, SGLang, ...)"""
+    """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
     judge_mode: Literal["generate", "logits"] = "generate"
-    """`generate`: reasoning then verdict, as the model was trained; `logits`: one forward pass reading P(image 1) vs
-    P(image 2) after a fixed answer prefix (no reasoning, soft preferences)"""
+    """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
-    """which image is shown first: `balanced` judges each pair once and shows every image first in half of its
-    comparisons (cancels position bias on average at the official price); `both` judges each pair in both orders
-    (twice the cost); `first` always shows the lower index first (the official trainer)"""
+    """which image is shown first: balanced (each pair once, every image first in half its pairs), both (each pair
+    in both orders: twice the cost), first (lower index first: the official trainer)"""
     judge_max_tokens: int = 2048
-    """reply length limit of a generate-mode judgment (official: 2048)"""
+    """reply length limit in generate mode (official: 2048)"""
     judge_image_size: int = 0
-    """downscale images so their longer side is at most this before judging; 0: send them at their own size (official)"""
+    """shrink images to this longer side before judging; 0: their own size (official)"""
     judge_workers: int = 16
     """requests in flight at once to the reward server"""
     judge_timeout: float = 300.0
     """seconds per request before it is retried"""
     judge_retries: int = 10
-    """retries per request; a pair that still fails counts as a tie (and is counted in judge_failed)"""
+    """retries per request; a pair that still fails is a tie, counted in judge_failed"""
     judge_api_key_env: str = "OPENAI_API_KEY"
-    """name of the environment variable holding the reward server's API key (never printed)"""
+    """environment variable holding the reward server's API key (never printed)"""
     clip_model: str | None = None
-    """CLIP model for the CLIP-score reward (hub id or folder loaded with transformers, e.g.
-    apple/DFN5B-CLIP-ViT-H-14-378; `tiny`: a random tiny CLIP); none: no CLIP reward"""
+    """CLIP model of the CLIP-score reward (hub id or folder, e.g. apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off"""
     pref_weight: float = 1.0
     """weight of the z-scored win rates in the advantage"""
     clip_weight: float = 0.0
-    """weight of the z-scored CLIP scores in the advantage (needs --clip-model)"""
+    """weight of the z-scored CLIP scores in the advantage"""
 
     # --- advantages and loss
     adv_clip: float = 5.0
@@ -163,8 +151,7 @@ class Args:
     clip_range: float = 1e-4
     """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
     kl_beta: float = 0.0
-    """weight of Flow-GRPO's KL term to the base model (the transformer with LoRA switched off): the squared gap of
-    the two steps' means over 2 std_t^2, averaged over latent elements; 0 as in Pref-GRPO"""
+    """weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO"""
 
     # --- optimisation
     lr: float = 1e-5
@@ -174,36 +161,35 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     accum: int = 4
-    """trajectories of each process per optimizer update (official: 4 of its 8, so 2 updates per round: the later
-    ones are off-policy and the clip range acts); 0: all of them, one update per round"""
+    """trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
+    off-policy); 0: all, one update a round"""
     train_batch_size: int = 0
     """trajectories per training forward/backward (memory); 0: as many as --accum"""
     full: bool = False
-    """full fine-tuning instead of LoRA; under torchrun the transformer is sharded over the processes with FSDP2"""
+    """full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)"""
     lora_rank: int = 64
     """LoRA rank"""
     lora_alpha: float = 128.0
     """LoRA alpha"""
     grad_checkpointing: bool | None = None
-    """recompute activations in the backward pass; default: on for CUDA (saves memory), off on CPU (only costs time)"""
+    """recompute activations in the backward pass; default: on CUDA only (saves memory; on CPU it only costs time)"""
 
     # --- logging and checkpoints
     save_every: int = 20
     """save a checkpoint every N rounds (and at the end)"""
     keep_checkpoints: int = 2
-    """how many of the most recent checkpoints to keep on disk"""
+    """how many of the latest checkpoints to keep"""
     sample_every: int = 20
     """save a grid of the round's samples every N rounds"""
     eval_every: int = 0
-    """every N rounds: the held-out prompts and seeds, current vs initial policy, judged by the same judge
-    (eval_win_rate_vs_initial) and scored by CLIP; 0: only at the end"""
+    """every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same judge (and CLIP);
+    0: only at the end"""
     eval_count: int = 8
     """held-out prompts used ..."""
     eval_seeds: int = 4
-    """... times this many held-out seeds, deterministic sampler; 0 disables the evaluation"""
+    """... times this many held-out seeds, deterministic sampler; 0: no evaluation"""
     wandb_project: str | None = None
-    """also log metrics, sample grids and the held-out comparison to this Weights & Biases project (pip install
-    wandb); metrics.jsonl stays the record"""
+    """also log to this Weights & Biases project (pip install wandb); metrics.jsonl stays the record"""
 
 
 # Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
@@ -1425,10 +1411,18 @@ def held_out(pipe, prompts: list[str], seeds: list[int], args: Args) -> list[Ima
                            cfg_scale=args.cfg_scale, shift=args.shift)
 
 
-def compare(judge, clip, world, args: Args, prompts, before, after) -> dict:
-    """The current policy's held-out images against the initial policy's: the judge's win rate (each pair once, the
-    current image shown first in every other pair, so position bias cancels), the CLIP score, the toy checker."""
-    out = {}
+def scores(clip, world, prompts, images) -> dict:
+    """What a held-out set of images scores without a judge: CLIP, and the toy world's checker per requirement."""
+    out = {"clip_score": clip_scores(clip, prompts, images).mean().item()} if clip else {}
+    if world:
+        out.update({"checker_accuracy" + ("" if k == "all" else "_" + k): v
+                    for k, v in world.accuracy(prompts, images).items()})
+    return out
+
+
+def compare(judge, args: Args, prompts, before, after) -> float:
+    """The judge's win rate of the current policy's held-out images against the initial policy's (0.5: no change),
+    each pair judged once with the current image shown first in every other pair, so position bias cancels."""
     if args.reward == "pointwise":  # a scorer's verdict on a pair: the higher score wins
         (s1, _), (s0, _) = judge(prompts, after), judge(prompts, before)
         wins = [None if a is None or b is None else 0.5 if a == b else float(a > b) for a, b in zip(s1, s0)]
@@ -1437,30 +1431,63 @@ def compare(judge, clip, world, args: Args, prompts, before, after) -> dict:
         p, _ = judge(prompts, [b if s else a for a, b, s in zip(after, before, swap)],
                      [a if s else b for a, b, s in zip(after, before, swap)])
         wins = [None if x is None else 1 - x if s else x for x, s in zip(p, swap)]
-    out["eval_win_rate_vs_initial"] = sum(0.5 if w is None else w for w in wins) / len(wins)
-    if clip:
-        out["eval_clip_score"] = clip_scores(clip, prompts, after).mean().item()
-    if world:
-        out.update({f"eval_checker_{k}": v for k, v in world.accuracy(prompts, after).items()})
-    return out
+    return sum(0.5 if w is None else w for w in wins) / len(wins)
+
+
+def save_images(images: list[Image.Image], folder: Path) -> None:
+    """All or nothing: written to a temporary folder, then renamed into place."""
+    tmp = folder.with_name("." + folder.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for k, im in enumerate(images):
+        im.save(tmp / f"{k:04d}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def start_run(args: Args, run_dir: Path, start: int) -> dict:
+    """args.json of a new run; for a resumed one, the metrics lines of rounds after its checkpoint are dropped (one
+    line per round) and changed flags are recorded beside args.json, which keeps the run's first values."""
+    resolved = dataclasses.asdict(args)
+    if not start:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
+        return resolved
+    path, kept = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # a line a kill cut short is dropped with the rest
+            kept += [line] if json.loads(line)["step"] <= start else []
+    path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+    os.replace(path.with_suffix(".tmp"), path)
+    saved = json.loads((run_dir / "args.json").read_text())
+    changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
+    if changed:
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"step": start, "changed": changed}) + "\n")
+    print(f"resuming {run_dir} at round {start}" + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
+    return resolved
 
 
 def train(args: Args, judge=None) -> dict:
     """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
     pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
-    world_env = int(os.environ.get("WORLD_SIZE", 1))
-    per_rank = args.prompts_per_step // world_env or 1
+    world_env, builtin = int(os.environ.get("WORLD_SIZE", 1)), args.model in ("toy", "tiny", "tiny-sd3")
     if args.prompts_per_step % world_env:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
                  f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
+    per_rank = args.prompts_per_step // world_env or 1
     toy = toy_world() if "toy" in (args.model, args.judge_model) else None
-    if args.model not in ("toy", "tiny", "tiny-sd3"):
+    checker = toy if args.model == "toy" else None
+    if not builtin:
         check_model_name(args.model, "--model")
-    if args.prompts is None and args.model not in ("toy", "tiny", "tiny-sd3"):
-        sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
-    prompts = load_prompts(args.prompts) if args.prompts else toy.TRAIN_PROMPTS if args.model == "toy" else TINY_PROMPTS
+        if not args.prompts:
+            sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
+    prompts = load_prompts(args.prompts) if args.prompts else checker.TRAIN_PROMPTS if checker else TINY_PROMPTS
     eval_ps = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
-               toy.EVAL_PROMPTS if args.model == "toy" else prompts)[:args.eval_count]
+               checker.EVAL_PROMPTS if checker else prompts)[:args.eval_count]
+    eval_ps, eval_seeds = [p for p in eval_ps for _ in range(args.eval_seeds)], list(range(args.eval_seeds)) * len(
+        eval_ps)
+    eval_seeds = [10**9 + s for s in eval_seeds]  # seeds that training never uses
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if not ckpt and ((run_dir / "args.json").exists() or (run_dir / "metrics.jsonl").exists()):
@@ -1476,84 +1503,55 @@ def train(args: Args, judge=None) -> dict:
     judge = judge or make_judge(args)  # before the (slow) model load: a dead reward server fails at once
     clip = load_clip(args.clip_model, device) if args.clip_model else None
     pipe = load_pipeline(str(toy.pretrained_model()) if args.model == "toy" else args.model, device)
-    checker = toy if args.model == "toy" else None
-    latent_geometry(pipe, args.resolution)  # a resolution the model cannot take fails now, not after the first round
+    latent_geometry(pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
 
     # The initial policy's held-out images, made before any update and kept on disk for resumed runs.
-    eval_dir = run_dir / "eval"
-    eval_seeds = [10**9 + s for s in range(args.eval_seeds)]
-    eval_ps = [p for p in eval_ps for _ in eval_seeds]
-    eval_seeds = eval_seeds * (len(eval_ps) // max(len(eval_seeds), 1))
-    before = []
-    if args.eval_seeds and (main or sharded):  # FSDP forwards are collective: then every process samples
-        if main and (eval_dir / "before").is_dir() and len(list((eval_dir / "before").glob("*.png"))) == len(eval_ps):
+    eval_dir, before = run_dir / "eval", []
+    if eval_ps and (main or sharded):  # FSDP forwards are collective: then every process samples
+        if main and len(list((eval_dir / "before").glob("*.png"))) == len(eval_ps):
             before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(eval_ps))]
         else:
             before = held_out(pipe, eval_ps, eval_seeds, args)
             if main:
-                shutil.rmtree(eval_dir / ".before", ignore_errors=True)
-                (eval_dir / ".before").mkdir(parents=True)
-                for k, im in enumerate(before):
-                    im.save(eval_dir / ".before" / f"{k:04d}.png")
-                shutil.rmtree(eval_dir / "before", ignore_errors=True)
-                os.replace(eval_dir / ".before", eval_dir / "before")
+                save_images(before, eval_dir / "before")
+    initial = scores(clip, checker, eval_ps, before) if main and before else {}
 
     params = trainable_parameters(pipe, args)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     if args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda":
         pipe.transformer.enable_gradient_checkpointing()
     start = load_checkpoint(ckpt, pipe, optimizer, args) if ckpt else 0
-    resolved = {k: v for k, v in dataclasses.asdict(args).items()}
-    if main and ckpt:  # one metrics line per round: drop the lines of rounds after the checkpoint
-        metrics_file = run_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            lines = [ln for ln in metrics_file.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-            metrics_file.with_suffix(".tmp").write_text("".join(ln + "\n" for ln in kept))
-            os.replace(metrics_file.with_suffix(".tmp"), metrics_file)
-        saved = json.loads((run_dir / "args.json").read_text())
-        changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
-        if changed:  # args.json keeps the run's first flags; the changes are recorded beside it
-            with open(run_dir / "resumes.jsonl", "a") as f:
-                f.write(json.dumps({"step": start, "changed": changed}) + "\n")
-        print(f"resuming {run_dir} at round {start}" + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in
-                                                               changed.items()))
-    elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
     if main:
-        n_params = sum(p.numel() for p in params)  # a DTensor shard counts its whole tensor
+        config = start_run(args, run_dir, start)
         overrides = [flag(k) for k in args.given if args.preset and k in PRESETS[args.preset]]
         print(f"run {run_dir} | preset {args.preset or 'none'}"
               f"{' (overridden: ' + ', '.join(overrides) + ')' if overrides else ''} | model {args.model} | "
-              f"{'full' if args.full else 'LoRA'} {n_params / 1e6:.2f}M trainable | {world} process(es)"
-              f"{', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge {args.judge_model} "
-              f"({args.judge_order} order) | rounds {start}->{args.train_steps}")
-        if args.judge_order != "both":
-            print("judge_order_disagree is measured only with --judge-order both")
-    wandb = start_wandb(args, run_dir, resolved) if main and args.wandb_project else None
+              f"{'full' if args.full else 'LoRA'} {sum(p.numel() for p in params) / 1e6:.2f}M trainable | "
+              f"{world} process(es){', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge "
+              f"{args.judge_model} ({args.judge_order} order; judge_order_disagree is measured with `both` only) | "
+              f"rounds {start}->{args.train_steps}")
+    wandb = start_wandb(args, run_dir, config) if main and args.wandb_project else None
 
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",
                disable=not main)
-    done, saved_at, result = start, start, {}
+    done = saved = start
     try:
         for step in bar:
             t0 = time.perf_counter()
             step_ps = step_prompts(prompts, step, per_rank * world, args.seed)  # the global list, same everywhere
             mine = step_ps[rank * per_rank:(rank + 1) * per_rank]             # this process's whole groups
-            batch = sample_batch(pipe, mine, step, args, device, rank * per_rank)               # 1. sample
+            batch = sample_batch(pipe, mine, step, args, device, rank * per_rank)                   # 1. sample
             images = decode(pipe, batch["x0"], args.resolution)
             t1 = time.perf_counter()
             if args.reward == "pairwise":
-                pref, judge_info = judge_groups(judge, mine, images, args.group_size, args.judge_order)  # 2. judge
+                pref, info = judge_groups(judge, mine, images, args.group_size, args.judge_order)  # 2. judge pairs
                 rewards = win_rates(pref)                                                          # 3. win rates
             else:
-                rewards, judge_info = score_groups(judge, mine, images, args.group_size)
+                rewards, info = score_groups(judge, mine, images, args.group_size)
             all_rewards, weights = [rewards], [args.pref_weight]
             if clip:
                 clip_r = clip_scores(clip, [p for p in mine for _ in range(args.group_size)], images)
-                all_rewards.append(clip_r.view_as(rewards))
-                weights.append(args.clip_weight)
+                all_rewards, weights = [rewards, clip_r.view_as(rewards)], [args.pref_weight, args.clip_weight]
             t2 = time.perf_counter()
             adv = group_advantages(all_rewards, weights, args.adv_clip).flatten()                 # 4. advantages
             stats = train_step(pipe, params, optimizer, batch, adv, args)                        # 5. loss, updates
@@ -1562,78 +1560,64 @@ def train(args: Args, judge=None) -> dict:
             # Metrics of the global batch: rewards gathered, judge counts (ints) summed and rates (floats) averaged.
             rewards, adv = gather(rewards, device), gather(adv, device)
             if world > 1:
-                summed = all_reduce(judge_info, device)
-                judge_info = {k: int(v) if type(judge_info[k]) is int else v / world for k, v in summed.items()}
+                info = {k: int(v) if type(info[k]) is int else v / world for k, v in all_reduce(info, device).items()}
             metrics = {"step": step + 1, "reward_mean": rewards.mean().item(),
                        "reward_group_std": rewards.std(1, correction=0).mean().item(),
                        "adv_abs_mean": adv.abs().mean().item(), "adv_max": adv.max().item(),
-                       "adv_min": adv.min().item(),
-                       "zero_adv_groups": int((adv.view(-1, args.group_size) == 0).all(1).sum()),
-                       "trained_transitions": batch["trained"].shape[1], **stats, **judge_info,
-                       "time_sample": t1 - t0, "time_judge": t2 - t1, "time_train": t3 - t2,
-                       "images_per_s": len(images) * world / (t3 - t0),
-                       "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"]}
-            if clip:
-                metrics["clip_score"] = gather(clip_r, device).mean().item()
+                       "adv_min": adv.min().item(), "zero_adv_groups": int((adv.view(rewards.shape) == 0).all(1).sum()),
+                       "trained_transitions": batch["trained"].shape[1], **stats, **info, "time_sample": t1 - t0,
+                       "time_judge": t2 - t1, "time_train": t3 - t2, "images_per_s": len(images) * world / (t3 - t0),
+                       "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"],
+                       **({"clip_score": gather(clip_r, device).mean().item()} if clip else {})}
             if args.eval_every and (step + 1) % args.eval_every == 0 and before:
-                metrics.update(compare(judge, clip, checker, args, eval_ps, before,
-                                       held_out(pipe, eval_ps, eval_seeds, args)))
+                after = held_out(pipe, eval_ps, eval_seeds, args)
+                if main:
+                    metrics["eval_win_rate_vs_initial"] = compare(judge, args, eval_ps, before, after)
+                    metrics.update({"eval_" + k: v for k, v in scores(clip, checker, eval_ps, after).items()})
             if main:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             done = step + 1  # logged: from here on, an interruption saves this round
             if main:
-                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("eval_win_rate_vs_initial", "eval_checker_all",
-                                                                   "loss", "images_per_s") if k in metrics})
-                if (step + 1) % args.sample_every == 0 or step + 1 == args.train_steps:  # rank 0's groups
-                    grid = run_dir / "samples" / f"step-{step + 1:06d}.png"
-                    save_grid(images, mine, args.group_size, grid)
-                    metrics["samples"] = grid
+                bar.set_postfix({k.removeprefix("eval_"): f"{metrics[k]:.3g}" for k in (
+                    "eval_win_rate_vs_initial", "eval_checker_accuracy", "loss", "images_per_s") if k in metrics})
+                if done % args.sample_every == 0 or done == args.train_steps:  # rank 0's groups
+                    save_grid(images, mine, args.group_size, run_dir / "samples" / f"step-{done:06d}.png")
+                    metrics["samples"] = run_dir / "samples" / f"step-{done:06d}.png"
                 if wandb:
                     wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
-                              step=step + 1)
+                              step=done)
             if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
                 save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
-                saved_at = done
+                saved = done
     except KeyboardInterrupt:
         bar.close()
-        if done > saved_at:
+        if done > saved:
             save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
         if main:
             print(f"interrupted after round {done} (checkpoint saved); continue with: python pref_grpo.py --resume "
                   f"{run_dir}", file=sys.stderr)
         sys.exit(130)
 
-    if before and main:  # the final comparison: the initial policy's held-out images against the final policy's
+    result = {}
+    if before and (main or sharded):  # the final comparison: initial against final policy, held-out prompts/seeds
         after = held_out(pipe, eval_ps, eval_seeds, args)
-        end = compare(judge, clip, checker, args, eval_ps, before, after)
-        result = {"win_rate_final_vs_initial": end["eval_win_rate_vs_initial"]}
-        if clip:
-            result.update(clip_score_initial=clip_scores(clip, eval_ps, before).mean().item(),
-                          clip_score_final=end["eval_clip_score"])
-        frames = None
-        if checker:
-            for when, imgs in (("initial", before), ("final", after)):
-                for k, v in checker.accuracy(eval_ps, imgs).items():
-                    result[f"checker_accuracy_{when}" + ("" if k == "all" else f"_{k}")] = v
-            frames = [all(checker.check(p, im).values()) for p, im in zip(eval_ps + eval_ps, before + after)]
-        S = args.eval_seeds  # one row per prompt: its held-out seeds before training, a gap, then after
-        rows = range(0, len(eval_ps), S)
-        save_grid([im for k in rows for im in before[k:k + S] + after[k:k + S]],
+    if before and main:
+        final = scores(clip, checker, eval_ps, after)
+        result = {"win_rate_final_vs_initial": compare(judge, args, eval_ps, before, after),
+                  **{k + "_initial": v for k, v in initial.items()}, **{k + "_final": v for k, v in final.items()}}
+        ok = [all(checker.check(p, im).values()) for p, im in zip(eval_ps * 2, before + after)] if checker else None
+        S, n = args.eval_seeds, len(eval_ps)  # a row per prompt: its held-out seeds before training | after
+        save_grid([im for k in range(0, n, S) for im in before[k:k + S] + after[k:k + S]],
                   [f"{p}: before | after" for p in eval_ps[::S]], 2 * S, eval_dir / "before_after.png",
-                  frames=[f for k in rows for f in (frames[k:k + S] + frames[len(before) + k:len(before) + k + S])]
-                  if frames else None, gap_after=S)
+                  frames=[ok[i] for k in range(0, n, S) for i in [*range(k, k + S), *range(n + k, n + k + S)]]
+                  if ok else None, gap_after=S)
+        save_images(after, eval_dir / "after")
         (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
-        (eval_dir / "after").mkdir(exist_ok=True)
-        for k, im in enumerate(after):
-            im.save(eval_dir / "after" / f"{k:04d}.png")
-        print(f"held-out ({len(eval_ps)} images, seeds never trained on): judge win rate of the final vs the initial "
-              f"policy {result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
-        if checker:
-            print("checker accuracy, initial -> final: " + ", ".join(
-                f"{k} {result[f'checker_accuracy_initial{s}']:.2f} -> {result[f'checker_accuracy_final{s}']:.2f}"
-                for k, s in [("all-correct", "")] + [(k, "_" + k) for k in ("colour", "shape", "count", "side")]
-                if f"checker_accuracy_initial{s}" in result))
+        print(f"held-out ({n} images, seeds never trained on): judge win rate of the final vs the initial policy "
+              f"{result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
+        if initial:
+            print("initial -> final: " + ", ".join(f"{k} {v:.3f} -> {final[k]:.3f}" for k, v in initial.items()))
         if wandb:
             wandb.log({"before_after": wandb.Image(str(eval_dir / "before_after.png")), **result}, step=done)
     if wandb:
