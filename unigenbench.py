@@ -105,8 +105,7 @@ EXPLANATIONS_EN = {
     "Attribute - Expression": "Distinguishing expressions from facial actions; expressions must convey a clear emotion",
     "Attribute - Quantity": "Focuses on the challenge of depicting three or more items accurately",
     "Attribute - Material": "Evaluation of different material types and textures",
-    "Attribute - Color": "Assessment of different colors",
-    "Attribute - Shape": "Assessment of different shapes",
+    "Attribute - Color": "Assessment of different colors", "Attribute - Shape": "Assessment of different shapes",
     "Entity Layout - Two-Dimensional Space": "Arrangement and positioning of entities in two-dimensional space",
     "Entity Layout - Three-Dimensional Space": "Arrangement and positioning of entities in three-dimensional space",
     "Action - Full-body (Character/Anthropomorphic)": "Full-body actions by characters or anthropomorphized entities, such as running, diving, breakdancing, swinging, or hanging upside down",
@@ -124,65 +123,44 @@ EXPLANATIONS_EN = {
     "Logical Reasoning": "Requires the model to deeply understand the intent and perform reasoning",
 }
 EXPLANATIONS_ZH = {
-    "关系-比较关系": "两者的属性对比",
-    "关系-构成关系": "一个实体由另一种或几种实体构成",
+    "关系-比较关系": "两者的属性对比", "关系-构成关系": "一个实体由另一种或几种实体构成",
     "关系-包含关系": "容器对实体的包含关系，容器也可以是平面的，比如：墙上的画里有一只蛇",
-    "关系-相似关系": "不同实体中存在的相似关系",
-    "复合考点-想象力": "现实生活中不可能发生的事情",
-    "复合考点-不同实体特征匹配": "不同实体拥有不同类的属性特征",
-    "实体布局-三维空间": "对于三维空间实体的摆放布局",
-    "实体布局-二维空间": "对于二维空间实体的摆放布局",
-    "属性-大小": "对主体 大小/高低/长短/粗细/宽窄/高矮",
+    "关系-相似关系": "不同实体中存在的相似关系", "复合考点-想象力": "现实生活中不可能发生的事情",
+    "复合考点-不同实体特征匹配": "不同实体拥有不同类的属性特征", "实体布局-三维空间": "对于三维空间实体的摆放布局",
+    "实体布局-二维空间": "对于二维空间实体的摆放布局", "属性-大小": "对主体 大小/高低/长短/粗细/宽窄/高矮",
     "属性-表情": "区分表情和脸部动作，脸部动作组成表情，但表情是一定要体现出某种情绪的。",
-    "属性-数量": "重点考察三个或三个以上的数字难点",
-    "属性-材质": "考察不同材质",
-    "属性-颜色": "考察不同颜色",
+    "属性-数量": "重点考察三个或三个以上的数字难点", "属性-材质": "考察不同材质", "属性-颜色": "考察不同颜色",
     "属性-形状": "考察不同形状",
     "动作-人物/拟人全身动作": "人物或拟人全身性的动作，比如奔跑、跳水、跳街舞、荡秋千、倒挂金钩等",
-    "动作-人物/拟人手部动作": "针对手部结构的考点，考核手指是否有缺失、崩坏等问题",
-    "动作-动物动作": "动物的动作",
+    "动作-人物/拟人手部动作": "针对手部结构的考点，考核手指是否有缺失、崩坏等问题", "动作-动物动作": "动物的动作",
     "动作-实体间有接触互动": "各种实体间的有接触互动",
     "动作-实体间无接触互动": "比如两个人对视，考核模型能否把对视关系画对",
-    "动作-状态": "实体持续的状态，一般是一个动词。",
-    "语法-否定": "考察模型对于否定语法的掌握程度",
-    "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应",
-    "语法-统一性": "实体共同属性的考察",
+    "动作-状态": "实体持续的状态，一般是一个动词。", "语法-否定": "考察模型对于否定语法的掌握程度",
+    "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
     "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人",
-    "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称",
-    "逻辑推理": "需要模型深入理解意图并进行一定的推理",
+    "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
     "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字",
 }
 HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}  # checkpoint definitions, descriptions ("Defination" sic)
 
 
-# ======================================================================================================================
-# Taxonomy: 27 sub-criteria in 10 primary dimensions (leaderboard order); 5 themes with 20 sub-themes
-# ======================================================================================================================
-class Criterion(NamedTuple):
-    primary: str  # the primary dimension it is pooled into
-    zh: str       # its name in the Chinese prompt files (and in the zh judge prompt)
-
-
-SUB_CRITERIA: dict[str, Criterion] = {name: Criterion(primary, zh) for name, primary, zh in [
-    ("Style", "Style", "风格"), ("World Knowledge", "World Knowledge", "世界知识"),
-    ("Attribute - Color", "Attribute", "属性-颜色"), ("Attribute - Expression", "Attribute", "属性-表情"),
-    ("Attribute - Material", "Attribute", "属性-材质"), ("Attribute - Quantity", "Attribute", "属性-数量"),
-    ("Attribute - Shape", "Attribute", "属性-形状"), ("Attribute - Size", "Attribute", "属性-大小"),
-    ("Action - Animal", "Action", "动作-动物动作"), ("Action - Contact Interaction", "Action", "动作-实体间有接触互动"),
-    ("Action - Full-body (Character/Anthropomorphic)", "Action", "动作-人物/拟人全身动作"),
-    ("Action - Hand (Character/Anthropomorphic)", "Action", "动作-人物/拟人手部动作"),
-    ("Action - Non-contact Interaction", "Action", "动作-实体间无接触互动"), ("Action - State", "Action", "动作-状态"),
-    ("Relationship - Comparison", "Relationship", "关系-比较关系"),
-    ("Relationship - Composition", "Relationship", "关系-构成关系"),
-    ("Relationship - Inclusion", "Relationship", "关系-包含关系"),
-    ("Relationship - Similarity", "Relationship", "关系-相似关系"),
-    ("Compound - Feature Matching", "Compound", "复合考点-不同实体特征匹配"),
-    ("Compound - Imagination", "Compound", "复合考点-想象力"),
-    ("Grammar - Consistency", "Grammar", "语法-统一性"), ("Grammar - Negation", "Grammar", "语法-否定"),
-    ("Grammar - Pronoun Reference", "Grammar", "语法-代词指代"),
-    ("Entity Layout - Three-Dimensional Space", "Layout", "实体布局-三维空间"),
-    ("Entity Layout - Two-Dimensional Space", "Layout", "实体布局-二维空间"),
-    ("Logical Reasoning", "Logical Reasoning", "逻辑推理"), ("Text Generation", "Text", "文本生成")]}
+# ======== Taxonomy: 27 sub-criteria in 10 primary dimensions (leaderboard order); 5 themes with 20 sub-themes
+Criterion = NamedTuple("Criterion", [("primary", str), ("zh", str)])  # its primary dimension, its Chinese name
+ZH_NAMES = {  # the 27 sub-criteria in leaderboard order, with their Chinese names
+    "Style": "风格", "World Knowledge": "世界知识", "Attribute - Color": "属性-颜色", "Attribute - Expression": "属性-表情",
+    "Attribute - Material": "属性-材质", "Attribute - Quantity": "属性-数量", "Attribute - Shape": "属性-形状",
+    "Attribute - Size": "属性-大小", "Action - Animal": "动作-动物动作", "Action - Contact Interaction": "动作-实体间有接触互动",
+    "Action - Full-body (Character/Anthropomorphic)": "动作-人物/拟人全身动作",
+    "Action - Hand (Character/Anthropomorphic)": "动作-人物/拟人手部动作",
+    "Action - Non-contact Interaction": "动作-实体间无接触互动", "Action - State": "动作-状态",
+    "Relationship - Comparison": "关系-比较关系", "Relationship - Composition": "关系-构成关系",
+    "Relationship - Inclusion": "关系-包含关系", "Relationship - Similarity": "关系-相似关系",
+    "Compound - Feature Matching": "复合考点-不同实体特征匹配", "Compound - Imagination": "复合考点-想象力",
+    "Grammar - Consistency": "语法-统一性", "Grammar - Negation": "语法-否定", "Grammar - Pronoun Reference": "语法-代词指代",
+    "Entity Layout - Three-Dimensional Space": "实体布局-三维空间", "Entity Layout - Two-Dimensional Space": "实体布局-二维空间",
+    "Logical Reasoning": "逻辑推理", "Text Generation": "文本生成"}
+SHORT = {"Entity Layout": "Layout", "Text Generation": "Text"}  # the leaderboard's column names
+SUB_CRITERIA = {name: Criterion(SHORT.get(p := name.split(" - ")[0], p), zh) for name, zh in ZH_NAMES.items()}
 PRIMARIES = list(dict.fromkeys(c.primary for c in SUB_CRITERIA.values()))  # the 10, in leaderboard order
 
 THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计", "Film & Story": "影视故事"}
@@ -210,19 +188,12 @@ def _key(name: str) -> str:
     return re.sub(r"\s+", "", name).lower()  # "Attribute - Color", "attribute-color" and "属性-颜色" all match
 
 
-_CRITERION_BY_KEY = {_key(n): n for n in SUB_CRITERIA} | {_key(c.zh): n for n, c in SUB_CRITERIA.items()}
-
-
 def canonical_criterion(name: str, where: str) -> str:
     """English or Chinese checkpoint name -> one of the 27 English sub-criteria."""
-    if _key(name) not in _CRITERION_BY_KEY:
+    by_key = {_key(n): n for n in SUB_CRITERIA} | {_key(c.zh): n for n, c in SUB_CRITERIA.items()}
+    if _key(name) not in by_key:
         raise SystemExit(f"error: {where}: unknown checkpoint {name!r} (not one of the 27 UniGenBench sub-criteria)")
-    return _CRITERION_BY_KEY[_key(name)]
-
-
-def normalise_theme(raw: str) -> str:
-    by_label = {t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}
-    return by_label.get(raw.strip().lower(), raw.strip())
+    return by_key[_key(name)]
 
 
 def normalise_subtheme(theme: str, raw: str) -> str:
@@ -235,9 +206,7 @@ def normalise_subtheme(theme: str, raw: str) -> str:
     return by_label.get(label.lower(), raw.strip())  # an unknown label is kept: it names rows, it scores nothing
 
 
-# ======================================================================================================================
-# Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
-# ======================================================================================================================
+# ======== Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
 @dataclass(frozen=True)
 class BenchPrompt:
     index: int
@@ -274,8 +243,10 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
     if not (isinstance(text, str) and text.strip() and isinstance(names, list) and isinstance(descriptions, list)
             and names and len(names) == len(descriptions)):
-        raise SystemExit(f"error: {where}: needs a prompt and non-empty Testpoints / Testpoint Description lists of equal length")
-    theme = normalise_theme(str(fields.get("Primary Categories", "")))
+        raise SystemExit(f"error: {where}: needs a prompt and non-empty Testpoints / Testpoint Description lists of "
+                         "equal length")
+    theme = str(fields.get("Primary Categories", "")).strip()
+    theme = ({t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}).get(theme.lower(), theme)
     subject = str(fields.get("Subjects", "")).strip()
     return BenchPrompt(index, text, theme, normalise_subtheme(theme, str(fields.get("Secondary Categories", ""))),
                        SUBJECTS_ZH.get(subject, subject),
@@ -290,7 +261,8 @@ def _read_csv(path: Path):
         text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in columns), None)
         dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
         if "index" not in columns or not text_col or not dims_col:
-            raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh; got {columns}")
+            raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh; "
+                             f"got {columns}")
         for row in reader:
             if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
                 raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
@@ -327,29 +299,19 @@ def prompts_fingerprint(prompts: list[BenchPrompt]) -> str:
     return hashlib.sha1("\n".join(f"{p.index}\t{p.prompt}" for p in prompts).encode()).hexdigest()[:12]
 
 
-def prompt_set_name(prompts: list[BenchPrompt]) -> str:
-    return getattr(prompts, "name", "") or f"a list of {len(prompts)} prompts"
-
-
-
-
 def judge_prompt(p: BenchPrompt) -> str:
-    """The prompt exactly as the official eval builds it, in the prompt set's language."""
+    """The judge's text exactly as the official eval builds it, in the prompt set's language."""
     names = [SUB_CRITERIA[name].zh if p.lang == "zh" else name for name, _ in p.checkpoints]
-    explanations = EXPLANATIONS_ZH if p.lang == "zh" else EXPLANATIONS_EN
-    head, desc_head = HEADERS[p.lang]
+    explanations, (head, desc_head) = EXPLANATIONS_ZH if p.lang == "zh" else EXPLANATIONS_EN, HEADERS[p.lang]
     return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(
         prompt=p.prompt, testpoint=repr(names),
         explanation=head + ":「" + "".join(f"\n{n}: {explanations[n]}" for n in names) + "\n」",
         test_explanation=desc_head + ":「" + "".join(f"\n{n}: {d}" for n, (_, d) in zip(names, p.checkpoints)) + "\n」")
 
 
-def parse_reply(reply: str | None, n: int) -> tuple[list[int] | None, list | None, str | None]:
-    """(scores, analysis, error), parsed as the official eval does: the first <analysis>...</analysis> and
-    <score>...</score>, each a Python literal list with one item per checkpoint; a checkpoint passes when its score
-    == 1. Anything else is a failed reply (error says why), which is asked again."""
-    if reply is None:
-        return None, None, "no reply"
+def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str | None]:
+    """(scores, analysis, error) as the official eval parses: the first <analysis>...</analysis> and <score>...</score>,
+    each a Python literal list of n items; a checkpoint passes when its score == 1. Anything else fails (error)."""
     found = [re.search(rf"<{tag}>(.*?)</{tag}>", reply, re.DOTALL) for tag in ("analysis", "score")]
     if not all(found):
         return None, None, "unparsable reply: no <analysis>...</analysis> or no <score>...</score>"
@@ -357,24 +319,16 @@ def parse_reply(reply: str | None, n: int) -> tuple[list[int] | None, list | Non
         analysis, scores = (ast.literal_eval(m.group(1).strip()) for m in found)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None, None, "unparsable reply: <analysis> or <score> is not a Python list"
-    if not (isinstance(analysis, list) and isinstance(scores, list)) or len(analysis) != n or len(scores) != n:
+    if not (isinstance(analysis, list) and isinstance(scores, list) and len(analysis) == len(scores) == n):
         got = [len(x) if isinstance(x, list) else type(x).__name__ for x in (analysis, scores)]
         return None, None, f"unparsable reply: expected {n} analyses and {n} scores, got {got[0]} and {got[1]}"
     return [int(s == 1) for s in scores], analysis, None
 
 
-# ======================================================================================================================
-# The judge: an OpenAI-compatible server (vLLM), or a Qwen-VL in this process (through pref_grpo.py)
-# ======================================================================================================================
-# This HTTP client duplicates pref_grpo.py's on purpose: each script runs on its own (evaluate and report need neither
-# torch nor pref_grpo.py). Standard library only: urllib, a thread pool, a timeout, retries with backoff.
-RETRY_BACKOFF_S = 2.0  # wait before the second attempt; doubles each attempt up to MAX_BACKOFF_S (tests make it small)
-MAX_BACKOFF_S = 10.0   # the official client's cap
-
-
-def http_headers(key_env: str) -> dict:
-    key = os.environ.get(key_env)
-    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+# ======== The judge: an OpenAI-compatible server (vLLM), or a Qwen-VL in this process (through pref_grpo.py)
+# This HTTP client duplicates pref_grpo.py's on purpose: single-file scripts (evaluate and report need neither torch nor
+# pref_grpo.py). Standard library only: urllib, a thread pool, a timeout, retries with backoff (in _judge_chunk).
+RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
 def scrub(text, key_env: str) -> str:
@@ -383,34 +337,8 @@ def scrub(text, key_env: str) -> str:
     return " ".join((str(text).replace(key, "***") if key else str(text)).split())[:300]
 
 
-def served_models(url: str, key_env: str, timeout: float = 30.0) -> list[str]:
-    """The names `{url}/models` lists; one line and exit if the server does not answer."""
-    req = urllib.request.Request(url.rstrip("/") + "/models", headers=http_headers(key_env))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as e:
-        hint = (f" (check ${key_env}, see --api-key-env)" if e.code in (401, 403) else
-                " (is --judge-url missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
-        sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        sys.exit(scrub(f"error: --judge-url: judge server {url} is not reachable: {getattr(e, 'reason', None) or e}",
-                       key_env))
-    try:  # a reachable server with an odd /models reply is still usable
-        return [m["id"] for m in json.loads(body)["data"]]
-    except (ValueError, LookupError, TypeError):
-        return []
-
-
-def jpeg_data_url(image) -> str:
-    """JPEG quality 95 at the image's own size, base64, as the official client sends it."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=95)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def post_chat(url: str, payload: dict, headers: dict, timeout: float, key_env: str) -> tuple[str | None, str | None, bool]:
-    """One POST: (reply text, None, _) or (None, why it failed, whether asking again may help). Never raises."""
+def post_chat(url: str, payload: dict, headers: dict, timeout: float, key_env: str):
+    """One POST: (reply, None, _) or (None, why it failed, whether asking again may help). Never raises."""
     try:
         req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
@@ -418,33 +346,45 @@ def post_chat(url: str, payload: dict, headers: dict, timeout: float, key_env: s
         if not isinstance(text, str):
             raise TypeError("message content is not text")
         return text, None, True
-    except urllib.error.HTTPError as e:
+    except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; another 4xx would be rejected again
         hint = " (is --judge-url missing /v1?)" if e.code == 404 and "/v1/" not in url else ""
-        return None, f"HTTP {e.code}{hint}", e.code >= 500 or e.code in (408, 429)  # other 4xx: rejected again
+        return None, f"HTTP {e.code}{hint}", e.code >= 500 or e.code in (408, 429)
     except (OSError, http.client.HTTPException) as e:
         if isinstance(getattr(e, "reason", e), TimeoutError):
             return None, f"timeout after {timeout:g} s", True
-        return None, scrub(f"connection failed: {getattr(e, 'reason', None) or e}", key_env), True
+        return None, scrub(f"connection failed: {getattr(e, 'reason', e)}", key_env), True
     except (ValueError, LookupError, TypeError) as e:
         return None, f"unreadable server reply ({type(e).__name__})", True
 
 
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
                  timeout: float = 300.0, max_tokens: int = 4096):
-    """judge(requests) -> [(reply, error, retriable)], one request per (text, image), `workers` in flight. Sends the
-    official request: one user message holding the image, then the text; max_tokens 4096; temperature 0 (the
-    official eval asks for greedy decoding, do_sample false). Checks at once that the server serves `model`."""
-    served = served_models(url, key_env)
+    """judge([(text, image)]) -> [(reply, error, retriable)], `workers` requests in flight. The official request: one
+    user message, the image (JPEG quality 95, base64) then the text; max_tokens 4096. We send temperature 0 (the
+    official eval's do_sample false). Checks at once that the server is up and serves `model`."""
+    key = os.environ.get(key_env)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/models", headers=headers), timeout=30) as r:
+            served = [m["id"] for m in json.loads(r.read())["data"]]
+    except urllib.error.HTTPError as e:
+        hint = (f" (check ${key_env}, see --api-key-env)" if e.code in (401, 403) else
+                " (is --judge-url missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
+        sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
+    except (OSError, http.client.HTTPException) as e:
+        sys.exit(scrub(f"error: --judge-url: judge server {url} is not reachable: {getattr(e, 'reason', e)}", key_env))
+    except (ValueError, LookupError, TypeError):
+        served = []  # a reachable server with an odd /models reply is still usable
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
-    endpoint, headers = url.rstrip("/") + "/chat/completions", http_headers(key_env)
 
     def ask(request):
-        text, image = request
-        content = [{"type": "image_url", "image_url": {"url": jpeg_data_url(image)}}, {"type": "text", "text": text}]
-        payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                   "temperature": 0.0}
-        return post_chat(endpoint, payload, headers, timeout, key_env)
+        text, image, buf = *request, io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
+            buf.getvalue()).decode()}}, {"type": "text", "text": text}]
+        return post_chat(url.rstrip("/") + "/chat/completions", {"model": model, "max_tokens": max_tokens, "messages": [
+            {"role": "user", "content": content}], "temperature": 0.0}, headers, timeout, key_env)
 
     def judge(requests):
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -454,64 +394,43 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
 
 
 def local_judge(vlm, *, max_tokens: int = 4096, batch_size: int = 4):
-    """A Qwen-VL judge in this process (greedy decoding): a hub id or folder, or a loaded (model, processor)."""
+    """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
     import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
 
     where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
     vlm = pref_grpo.load_local_vlm(vlm) if isinstance(vlm, str) else vlm
 
     def judge(requests):
-        replies = pref_grpo.local_chat(vlm, [(text, [image]) for text, image in requests], max_tokens=max_tokens,
+        replies = pref_grpo.local_chat(vlm, [(text, [im]) for text, im in requests], max_tokens=max_tokens,
                                        batch_size=batch_size)
         return [(reply, None, True) for reply in replies]
     judge.where = where
     return judge
 
 
-# ======================================================================================================================
-# generate: n images per prompt with the official FLUX.1-dev settings; images already on disk are kept
-# ======================================================================================================================
-OFFICIAL_GENERATION = dict(resolution=1024, steps=30, guidance=3.5, n=4, seed=3407, max_sequence_length=512)
-TINY_GENERATION = dict(resolution=32, steps=4)  # --model tiny: a smoke test that finishes in a minute or two
-SETTINGS_FIXED = ("model", "lora", "steps", "resolution", "guidance", "seed", "max_sequence_length", "prompts")
-
-
+# ======== generate: n images per prompt with the official FLUX.1-dev settings; images already on disk are kept
 def image_path(folder: str | os.PathLike, index: int, j: int, suffix: str = "png") -> Path:
     return Path(folder) / f"{index}_{j}.{suffix}"
-
-
-def _batched(items: list, size: int):
-    for start in range(0, len(items), max(1, size)):
-        yield items[start:start + size]
-
-
-def _check_settings(folder: Path, settings: dict) -> None:
-    """Resuming into a folder made with another model, LoRA or prompt set would silently blend two runs: refuse."""
-    path = folder / "generate.json"
-    if path.exists() and any(folder.glob("*.png")):
-        old = json.loads(path.read_text())
-        changed = [k for k in SETTINGS_FIXED if old.get(k) != settings[k]]
-        if changed:
-            raise SystemExit(f"error: --out {folder} holds images made with other settings ({', '.join(changed)}); "
-                             "use another --out")
-    path.write_text(json.dumps(settings, indent=1))
 
 
 def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, n: int = 4, lora: str | None = None,
              steps: int | None = None, resolution: int | None = None, guidance: float = 3.5, batch_size: int = 4,
              seed: int = 3407, max_sequence_length: int = 512) -> int:
-    """Write OUT/{index}_{j}.png for every prompt and j < n not there yet, image j with seed `seed + j` (every prompt
-    alike, as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
-    defaults = {**OFFICIAL_GENERATION, **(TINY_GENERATION if model == "tiny" else {})}
-    steps, resolution = steps or defaults["steps"], resolution or defaults["resolution"]
+    """Write OUT/{index}_{j}.png for every prompt and j < n not there yet; image j has seed `seed + j` for every prompt
+    (as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
+    steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
     if not 1 <= n <= 1000:
         raise SystemExit(f"error: --n must be between 1 and 1000, got {n}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lora = str(Path(lora).resolve()) if lora else None  # the same checkpoint, however the path is written
-    _check_settings(out, dict(model=model, lora=lora, steps=steps, resolution=resolution, guidance=guidance, seed=seed,
-                              max_sequence_length=max_sequence_length, shift="stock scheduler (FLUX: dynamic)",
-                              prompts=prompts_fingerprint(prompts), prompt_set=prompt_set_name(prompts), n=n))
+    (out := Path(out)).mkdir(parents=True, exist_ok=True)
+    settings = dict(model=model, lora=str(Path(lora).resolve()) if lora else None, steps=steps, resolution=resolution,
+                    guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
+                    n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"))
+    old = json.loads((out / "generate.json").read_text()) if (out / "generate.json").exists() else {}
+    changed = [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]
+    if changed and any(out.glob("*.png")):  # resuming would silently blend two runs
+        raise SystemExit(f"error: --out {out} holds images made with other settings ({', '.join(changed)}); "
+                         "use another --out")
+    (out / "generate.json").write_text(json.dumps(settings, indent=1))
     todo = [(p, j) for p in prompts for j in range(n) if not image_path(out, p.index, j).exists()]
     print(f"generate: {len(prompts) * n - len(todo)} images already in {out}, {len(todo)} to make "
           f"({resolution} px, {steps} steps, guidance {guidance:g}, seeds {seed}..{seed + n - 1})")
@@ -521,24 +440,19 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
 
     pipe = pref_grpo.load_pipeline(model)
     if lora:
-        pipe.load_lora_weights(lora)
-    with tqdm(total=len(todo), desc="generate", unit="img") as bar:
-        for chunk in _batched(todo, batch_size):
-            images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], [seed + j for _, j in chunk],
-                                               steps=steps, resolution=resolution, guidance=guidance, shift=None,
-                                               max_sequence_length=max_sequence_length, batch_size=len(chunk))
-            for (p, j), image in zip(chunk, images):
-                final = image_path(out, p.index, j)
-                partial = final.with_name(final.name + ".part")
-                image.save(partial, format="PNG")
-                os.replace(partial, final)  # a kill never leaves a truncated PNG that the next run would skip
-            bar.update(len(chunk))
+        pipe.load_lora_weights(settings["lora"])
+    for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch"):
+        chunk = todo[start:start + batch_size]
+        images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], [seed + j for _, j in chunk],
+                                           steps=steps, resolution=resolution, guidance=guidance, shift=None,
+                                           max_sequence_length=max_sequence_length, batch_size=len(chunk))
+        for (p, j), image in zip(chunk, images):  # via a .part file: a kill never leaves a truncated PNG behind
+            image.save(str(image_path(out, p.index, j)) + ".part", format="PNG")
+            os.replace(str(image_path(out, p.index, j)) + ".part", image_path(out, p.index, j))
     return len(todo)
 
 
-# ======================================================================================================================
-# evaluate: one judge request per image with all its checkpoints; one JSON line per image, appended as it is done
-# ======================================================================================================================
+# ======== evaluate: one request per image with all its checkpoints; one JSON line per image, appended as it is done
 def read_results(path: Path) -> dict[tuple[int, int], dict]:
     """Records by (index, image). A later line for the same image replaces an earlier one (see --retry-failed)."""
     records = {}
@@ -554,63 +468,51 @@ def read_results(path: Path) -> dict[tuple[int, int], dict]:
     return records
 
 
-def require_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, suffix: str = "png") -> None:
-    if not Path(folder).is_dir():
+def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, suffix: str = "png") -> None:
+    """Every image there, and made from these prompts (generate.json records the prompt set a folder was made from)."""
+    folder = Path(folder)
+    if not folder.is_dir():
         raise SystemExit(f"error: --images {folder}: no such folder")
+    made = json.loads((folder / "generate.json").read_text()) if (folder / "generate.json").exists() else {}
+    if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
+        raise SystemExit(f"error: the images in {folder} were generated from the prompt set {made.get('prompt_set')}, "
+                         f"not from {getattr(prompts, 'name', 'these prompts')}: pass that file as --prompts")
     missing = [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
                if not image_path(folder, p.index, j, suffix).exists()]
     if missing:
-        other = [s for s in ("png", "jpg", "jpeg", "webp") if s != suffix and (Path(folder) / missing[0]).with_suffix(
-            "." + s).exists()]
-        hint = f"; found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else (
-            "; run generate with the same --prompts and --n first")
+        other = [s for s in ("png", "jpg", "jpeg", "webp") if (folder / missing[0]).with_suffix("." + s).exists()]
+        hint = (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else
+                "run generate with the same --prompts and --n first")
         raise SystemExit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
-                         f"{', '.join(missing[:5])}){hint}")
-
-
-def check_prompt_set(folder: Path, prompts: list[BenchPrompt]) -> None:
-    """generate.json records the prompt set a folder was made from; judging it against another would be nonsense."""
-    path = Path(folder) / "generate.json"
-    made = json.loads(path.read_text()) if path.exists() else {}
-    if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
-        raise SystemExit(f"error: the images in {folder} were generated from the prompt set "
-                         f"{made.get('prompt_set', '?')}, not from {prompt_set_name(prompts)}: pass that file as --prompts")
-
-
-def _load_image(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB"), None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-        return None, f"unreadable image {path.name}: {' '.join(str(e).split())[:200]}"
+                         f"{', '.join(missing[:5])}); {hint}")
 
 
 def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str) -> list[dict]:
-    """Every image of the chunk, asked up to `attempts` times until its reply parses (the official eval: 10). A
-    request that fails at the transport waits (backoff) before its next attempt; a rejected one (4xx) is not retried."""
-    texts = [judge_prompt(p) for p, _ in chunk]
-    loaded = [_load_image(image_path(folder, p.index, j, suffix)) for p, j in chunk]
-    outcome = [(None, None, None, error, 0) for _, error in loaded]  # reply, scores, analysis, error, attempts
-    pending = [i for i, (image, _) in enumerate(loaded) if image is not None]
+    """Each image asked up to `attempts` times until its reply parses (official: 10). A transport failure waits
+    (backoff) before the next attempt; a rejected request (4xx) is not asked again. Unreadable images fail at once."""
+    from PIL import Image
+
+    texts, images = [judge_prompt(p) for p, _ in chunk], []
+    for path in (image_path(folder, p.index, j, suffix) for p, j in chunk):
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
+            images.append(" ".join(f"unreadable image {path.name}: {e}".split())[:300])
+    # per image: reply, scores, analysis, error, attempts
+    outcome = [(None, None, None, im if isinstance(im, str) else None, 0) for im in images]
+    pending = [i for i, im in enumerate(images) if not isinstance(im, str)]
     for attempt in range(1, attempts + 1):
-        if not pending:
-            break
-        answers = judge([(texts[i], loaded[i][0]) for i in pending])
+        answers = judge([(texts[i], images[i]) for i in pending]) if pending else []
         if len(answers) != len(pending):  # zip would silently drop images
             raise RuntimeError(f"the judge returned {len(answers)} replies for {len(pending)} requests")
-        retry, transport = [], False
-        for i, (reply, error, retriable) in zip(pending, answers):
-            scores, analysis, parse_error = parse_reply(reply, len(chunk[i][0].checkpoints)) if reply is not None else (
-                (None,) * 3)
-            outcome[i] = (reply, scores, analysis, error or parse_error, attempt)
-            if scores is None and retriable:
-                retry.append(i)
-                transport |= reply is None
-        pending = retry
-        if pending and transport and attempt < attempts:
+        for i, (reply, error, _) in zip(pending, answers):
+            outcome[i] = (reply, *(parse_reply(reply, len(chunk[i][0].checkpoints)) if error is None else
+                                   (None, None, error)), attempt)
+        retry = [i for i, (_, _, retriable) in zip(pending, answers) if outcome[i][1] is None and retriable]
+        if retry and attempt < attempts and any(a[1] for a in answers):  # a transport failure: give the server time
             time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
+        pending = retry
     return [dict(index=p.index, image=j, file=image_path(folder, p.index, j, suffix).name, prompt=p.prompt,
                  lang=p.lang, theme=p.theme, subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints],
                  scores=scores, error=error, attempts=tries, analysis=analysis, reply=reply)
@@ -620,64 +522,53 @@ def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, atte
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
              chunk: int = 32, attempts: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge every image that RESULTS does not hold yet, appending one JSON line per image; returns this run's counts.
-    `judge(requests) -> [(reply, error, retriable)]` takes (text, PIL image) requests. When the first `stop_after`
-    judgments of a run all fail, the judge is broken: stop with one line instead of recording hours of failures."""
+    """Judge every image RESULTS does not hold yet, appending one JSON line each; returns this run's counts.
+    `judge([(text, image)]) -> [(reply, error, retriable)]`. If the first `stop_after` judgments of a run all fail,
+    the judge is broken: stop with one line (recording nothing) rather than record hours of failures."""
     images, results = Path(images), Path(results)
-    require_images(images, prompts, n, suffix)
-    check_prompt_set(images, prompts)
-    done = read_results(results)
-    by_index = {p.index: p.prompt for p in prompts}
-    clash = [i for (i, _), record in done.items() if i in by_index and record.get("prompt") != by_index[i]]
-    if clash:
+    check_images(images, prompts, n, suffix)
+    done, by_index = read_results(results), {p.index: p.prompt for p in prompts}
+    if clash := [i for (i, _), record in done.items() if i in by_index and record.get("prompt") != by_index[i]]:
         raise SystemExit(f"error: --results {results} holds judgments of other prompts (index {clash[0]}); "
                          "use another --results")
     keys = [(p, j) for p in prompts for j in range(n)]
-    failed_before = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
-    todo = [(p, j) for p, j in keys if (p.index, j) not in done or (retry_failed and (p.index, j) in failed_before)]
+    failed = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
+    todo = [(p, j) for p, j in keys if (p.index, j) not in done or (retry_failed and (p.index, j) in failed)]
     print(f"evaluate: {len(keys) - len(todo)} images already judged, {len(todo)} to go -> {results}")
-    if failed_before:
-        print(f"evaluate: {len(failed_before)} images failed in an earlier run; " + (
-            "judging them again" if retry_failed else "--retry-failed judges them again"))
+    if failed:
+        print(f"evaluate: {len(failed)} images failed in an earlier run; "
+              + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
     if results.exists() and results.stat().st_size:
         with open(results, "rb+") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")  # end the line a kill cut short, so the next record starts a line of its own
-    counts, held, healthy = {"judged": 0, "failed": 0}, [], False
-    extra = dict(prompt_set=prompts_fingerprint(prompts), expected=len(keys))
+    counts, held, extra = {"judged": 0, "failed": 0}, [], dict(prompt_set=prompts_fingerprint(prompts), expected=len(keys))
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
-        for part in _batched(todo, chunk):
-            for record in _judge_chunk(part, images, judge, attempts, suffix):
+        for start in range(0, len(todo), chunk):
+            for record in _judge_chunk(todo[start:start + chunk], images, judge, attempts, suffix):
                 counts["failed" if record["scores"] is None else "judged"] += 1
-                held.append(record)
-                healthy |= record["scores"] is not None
+                held.append(record)  # until one judgment of this run works, records are held back
                 asked = [r for r in held if r["attempts"]]  # an unreadable image says nothing about the judge
-                if not healthy and len(asked) >= stop_after:
+                if not counts["judged"] and len(asked) >= stop_after:
                     raise SystemExit(f"error: the first {len(asked)} judgments all failed (last: {asked[-1]['error']}); "
-                                     f"is the judge at {getattr(judge, 'where', '?')} working? Stopped; nothing recorded")
-                if healthy:  # until one judgment works, failures are held back (see stop_after)
-                    for r in held:
-                        out.write(json.dumps({**r, **extra}, ensure_ascii=False) + "\n")
+                                     f"is the judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
+                if counts["judged"]:
+                    out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)
                     out.flush()  # on disk image by image: a killed run loses at most the chunk in flight
                     held = []
-            bar.update(len(part))
-        for r in held:
-            out.write(json.dumps({**r, **extra}, ensure_ascii=False) + "\n")
+            bar.update(min(chunk, len(todo) - start))
+        out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)  # fewer than stop_after
     if counts["failed"]:
         print(f"evaluate: {counts['failed']} judgments failed; they are recorded with the reason, left out of the "
               "accuracy and counted in the report. Rerun with --retry-failed to judge them again.")
     return counts
 
 
-# ======================================================================================================================
-# report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
-# ======================================================================================================================
+# ======== report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
 def load_result_records(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    records = list(read_results(path).values())
-    if not records:
+    if not (records := list(read_results(Path(path)).values())):
         raise SystemExit(f"error: no judge results in {path}")
     for r in records:
         names, scores = [c[0] for c in r.get("checkpoints", [])], r.get("scores")
@@ -688,10 +579,9 @@ def load_result_records(path: str | os.PathLike) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Pooled accuracy of a group = its correct checkpoints / all its checkpoints, over every judged image (as the
-    official eval pools). Failed judgments are counted and left out; coverage = judged / expected images."""
-    tallies = {"sub_criteria": defaultdict(lambda: [0, 0]), "primary": defaultdict(lambda: [0, 0]),
-               "themes": defaultdict(lambda: [0, 0])}
+    """Pooled accuracy of a group = its correct checkpoints / all its checkpoints over every judged image, as the
+    official eval pools. Failed judgments are counted and left out; coverage = judged / expected images."""
+    tallies = {table: defaultdict(lambda: [0, 0]) for table in ("sub_criteria", "primary", "themes")}
     judged = [r for r in records if r["scores"] is not None]
     for record in judged:
         for (name, _), score in zip(record["checkpoints"], record["scores"]):
@@ -715,51 +605,45 @@ def summarize(records: list[dict]) -> dict:
 
 
 def coverage_warnings(summaries: dict[str, dict]) -> list[str]:
-    """Deltas mean something only between runs that scored the same images, all of them."""
+    """Deltas mean something only between complete runs that judged the same images of the same prompt set."""
     notes = [f"warning: {name} is incomplete: {s['judged']} of {s['expected']} images judged ({s['failed']} failed, "
              f"{s['expected'] - s['images']} not judged yet)" for name, s in summaries.items() if s["coverage"] < 100]
     if len({tuple(s["prompt_sets"]) for s in summaries.values()}) > 1:
         notes.append("warning: the runs were judged on different prompt sets")
-    first, *others = [(name, {tuple(k) for k in s["judged_images"]}) for name, s in summaries.items()]
-    notes += [f"warning: {name} and {first[0]} cover different images ({len(keys ^ first[1])} judged in only one); "
-              "their deltas compare different samples" for name, keys in others if keys != first[1]]
-    return notes
+    (base, first), *others = [(name, {tuple(k) for k in s["judged_images"]}) for name, s in summaries.items()]
+    return notes + [f"warning: {name} and {base} cover different images ({len(keys ^ first)} judged in only one); "
+                    "their deltas compare different samples" for name, keys in others if keys != first]
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
     """One accuracy column per run and, with two or more runs, a delta column per run against the first (the base)."""
-    names = list(summaries)
-    head = ["Dimension", *names, *[f"Δ {name}" for name in names[1:]]]
+    names, runs = list(summaries), list(summaries.values())
 
     def row(label, get):
-        values = [get(s) for s in summaries.values()]
+        values = [get(s) for s in runs]
         cells = ["n/a" if v is None else f"{v:.2f}" for v in values]
         cells += ["n/a" if v is None or values[0] is None else f"{v - values[0]:+.2f}" for v in values[1:]]
-        return f"| {label} | " + " | ".join(cells) + " |"
-
-    def rows(labels_and_getters):  # rows nobody has data for (a small prompt subset) are left out
-        return [row(label, get) for label, get in labels_and_getters if any(get(s) is not None for s in summaries.values())]
+        return f"| {label} | " + " | ".join(cells) + " |" if any(v is not None for v in values) else None
 
     def accuracy(table, key):
         return lambda s: s[table][key]["accuracy"] if key in s[table] else None
 
-    blank = [""] * (len(names) - 1)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
+             "|" + "---|" * (2 * len(names)),
              "| Images (failed judgments, not scored) | " + " | ".join(
-                 [f"{s['images']} ({s['failed']} failed)" for s in summaries.values()] + blank) + " |",
+                 [f"{s['images']} ({s['failed']} failed)" for s in runs] + [""] * (len(names) - 1)) + " |",
              "| Coverage (judged / expected images) | " + " | ".join(
-                 [f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)" for s in summaries.values()] + blank) + " |",
+                 [f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)" for s in runs] + [""] * (len(names) - 1)) + " |",
              row("**Overall**", lambda s: s["overall"])]
-    for primary in PRIMARIES:
-        lines.append(row(f"**{primary}**", accuracy("primary", primary)))
+    for primary in PRIMARIES:  # rows nobody has data for (a small prompt subset) are left out
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
-        lines += rows((f"&nbsp;&nbsp;{sub}", accuracy("sub_criteria", sub)) for sub in subs if len(subs) > 1)
-    themes = dict.fromkeys(t for s in summaries.values() for t in s["themes"])
-    lines += rows((f"Theme: {theme}", accuracy("themes", theme)) for theme in themes)
+        lines += [row(f"**{primary}**", accuracy("primary", primary))] + [
+            row(f"&nbsp;&nbsp;{sub}", accuracy("sub_criteria", sub)) for sub in subs if len(subs) > 1]
+    lines += [row(f"Theme: {theme}", accuracy("themes", theme)) for theme in dict.fromkeys(t for s in runs for t in s["themes"])]
     partial = [name for name, s in summaries.items() if s["primaries_scored"] < len(PRIMARIES)]
     if partial:
         lines.append(f"\nThe overall of {', '.join(partial)} averages fewer than {len(PRIMARIES)} primary dimensions.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def report(paths: list[str], names: list[str] | None = None, out: str | None = None) -> dict[str, dict]:
@@ -772,19 +656,26 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
     summaries = {name: summarize(load_result_records(p)) for name, p in zip(names, paths)}
     out = str(out or Path(paths[0]).parent / ("report" if len(paths) == 1 else "compare"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    table, notes = markdown_table(summaries), coverage_warnings(summaries)
+    table, notes = markdown_table(summaries), "".join(f"\n{note}" for note in coverage_warnings(summaries))
     Path(out + ".json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
-    Path(out + ".md").write_text("# UniGenBench\n\n" + table + "".join(f"\n{n}\n" for n in notes), encoding="utf-8")
-    print(table + "".join(f"{n}\n" for n in notes) + f"wrote {out}.json and {out}.md")
+    Path(out + ".md").write_text("# UniGenBench\n\n" + table + notes + "\n", encoding="utf-8")
+    print(f"{table}{notes}\nwrote {out}.json and {out}.md")
     return summaries
 
 
-# ======================================================================================================================
-# Command line
-# ======================================================================================================================
+# ======== Command line
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage block
         sys.exit(f"error: {self.prog}: {message} (see --help)")
+
+
+def add_flags(parser, flags) -> None:
+    """(flag, default, help[, more argparse keywords]); each help ends with its default, or says the flag is required."""
+    for flag, default, text, *more in flags:
+        kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
+            "default": default, **({"type": type(default)} if default is not None else {})}
+        suffix = "; required" if default == "required" else "" if "default:" in text else "; default: %(default)s"
+        parser.add_argument(flag, help=text + suffix, **kw, **(more[0] if more else {}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -792,53 +683,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
     g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
-    g.add_argument("--model", required=True, help='FLUX or SD3 hub id or folder (e.g. black-forest-labs/FLUX.1-dev); '
-                   '"tiny" for a tiny random FLUX (a smoke test). Required')
-    g.add_argument("--out", required=True, help="folder for the images and generate.json. Required")
-    g.add_argument("--lora", help="LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside); "
-                   "default: none")
-    g.add_argument("--resolution", type=int, help="image side in pixels; default: 1024 (official), 32 with --model tiny")
-    g.add_argument("--steps", type=int, help="sampling steps; default: 30 (official), 4 with --model tiny")
-    g.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance; default: %(default)s (official)")
-    g.add_argument("--seed", type=int, default=3407, help="image j of every prompt uses seed SEED + j; "
-                   "default: %(default)s (official)")
-    g.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens; default: %(default)s (official)")
-    g.add_argument("--batch-size", type=int, default=4, help="images per sampler call; default: %(default)s")
-
+    add_flags(g, [
+        ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a tiny random '
+         "FLUX, for a smoke test"),
+        ("--out", "required", "folder for the images and generate.json"),
+        ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
+        ("--resolution", None, "image side in pixels; default: 1024 (official), 32 with --model tiny", {"type": int}),
+        ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}),
+        ("--guidance", 3.5, "FLUX guidance (official)"), ("--seed", 3407, "image j uses seed SEED + j, "
+                                                                  "for every prompt (official)"),
+        ("--max-sequence-length", 512, "T5 tokens (official)"), ("--batch-size", 4, "images per sampler call")])
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
-    e.add_argument("--images", required=True, help="the folder generate wrote (or any folder of {index}_{j} images). "
-                   "Required")
-    e.add_argument("--results", help="results file; default: IMAGES/results.jsonl")
+    add_flags(e, [
+        ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
+        ("--results", None, "results file; default: IMAGES/results.jsonl"),
+        ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official "
+         "scripts)"),
+        ("--api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
+        ("--attempts", 10, "requests per image until its reply parses (official: 10); a local judge decodes "
+         "greedily and gets one"),
+        ("--max-tokens", 4096, "reply length limit (official)"), ("--workers", 8, "requests in flight"),
+        ("--timeout", 300.0, "seconds per request"), ("--chunk", 32, "images judged between writes"),
+        ("--batch-size", 4, "--judge-local: images per generate() call"),
+        ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
+        ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
     judges = e.add_mutually_exclusive_group(required=True)
-    judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1, e.g. http://localhost:8000/v1 "
-                        "(vLLM). This or --judge-local is required")
-    judges.add_argument("--judge-local", help="Qwen-VL judge run in this process (needs pref_grpo.py): a hub id "
-                        "(CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder")
-    e.add_argument("--judge-model", default="QwenVL", help="the name the server serves (vLLM --served-model-name); "
-                   "default: %(default)s (as the official scripts)")
-    e.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (never "
-                   "printed); default: %(default)s")
-    e.add_argument("--attempts", type=int, default=10, help="requests per image until its reply parses; default: "
-                   "%(default)s (official). A local judge decodes greedily, so it gets one")
-    e.add_argument("--max-tokens", type=int, default=4096, help="reply length limit; default: %(default)s (official)")
-    e.add_argument("--workers", type=int, default=8, help="requests in flight; default: %(default)s")
-    e.add_argument("--timeout", type=float, default=300.0, help="seconds per request; default: %(default)s")
-    e.add_argument("--chunk", type=int, default=32, help="images judged between writes; default: %(default)s")
-    e.add_argument("--batch-size", type=int, default=4, help="--judge-local: images per generate(); default: %(default)s")
-    e.add_argument("--image-suffix", default="png", choices=["png", "jpg", "jpeg", "webp"],
-                   help="image file type in --images; default: %(default)s")
-    e.add_argument("--retry-failed", action="store_true", help="judge again the images whose judgment failed; "
-                   "default: off")
+    judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1); "
+                        "this or --judge-local is required")
+    judges.add_argument("--judge-local", help="Qwen-VL judge run in this process (needs pref_grpo.py): hub id "
+                        "(CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder; this or --judge-url is required")
     for sub in g, e:
-        sub.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompts.jsonl or an official UniGenBench CSV "
-                         "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file")
-        sub.add_argument("--n", type=int, default=4, help="images per prompt; default: %(default)s (official)")
-
+        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "prompts.jsonl or an official UniGenBench CSV "
+                         "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file"),
+                        ("--n", 4, "images per prompt (official)")])
     r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
     r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
-    r.add_argument("--names", nargs="+", help="column names; default: the folder name of each results file")
-    r.add_argument("--out", help="output path without extension (.json and .md are written); default: report or "
-                   "compare beside the first results file")
+    add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
+                  ("--out", None, "output path without extension (.json and .md); default: report or compare "
+                   "beside the first results file")])
 
     args = parser.parse_args(argv)
     if args.command == "generate":
@@ -847,8 +729,7 @@ def main(argv: list[str] | None = None) -> None:
                  max_sequence_length=args.max_sequence_length)
     elif args.command == "evaluate":
         prompts = load_prompts(args.prompts)
-        require_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
-        check_prompt_set(Path(args.images), prompts)
+        check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
         judge = (server_judge(args.judge_url, args.judge_model, key_env=args.api_key_env, workers=args.workers,
                               timeout=args.timeout, max_tokens=args.max_tokens) if args.judge_url else
                  local_judge(args.judge_local, max_tokens=args.max_tokens, batch_size=args.batch_size))
