@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import unigenbench as ugb
-from conftest import HUB_IDS, offline_env, tiny_vlm
+from conftest import HUB_IDS, offline_env
 
 HERE = Path(__file__).parent
 DATA = HERE.parent / "shared" / "unigenbench-data"
@@ -548,19 +548,6 @@ def test_the_api_key_is_sent_but_never_printed(judge_server, bench, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------ end to end: tiny models
-def test_tiny_local_vlm_end_to_end_bookkeeping(bench):
-    prompts, folder, _ = bench
-    judge = ugb.local_judge(tiny_vlm(), max_tokens=6)
-    results = folder / "tiny.jsonl"
-    counts = ugb.evaluate(prompts[:1], folder, results, judge, n=2, attempts=1)
-    assert counts["judged"] + counts["failed"] == 2
-    done = ugb.read_results(results)
-    assert sorted(done) == [(prompts[0].index, 0), (prompts[0].index, 1)]
-    for r in done.values():  # a random model writes noise: recorded as failed, with its reply kept for inspection
-        assert isinstance(r["reply"], str) and r["attempts"] == 1
-        assert (r["scores"] is None) == (r["error"] is not None)
-
-
 def test_generate_uses_the_official_settings(tmp_path, monkeypatch):
     import pref_grpo
 
@@ -630,11 +617,9 @@ def test_hub_ids_load_offline_from_the_cache_as_a_user_runs_them(hub_cache, tmp_
     rc, out_text, err = cli("evaluate", "--images", out, "--prompts", prompt_file, "--n", 1, "--judge-local",
                             HUB_IDS["ugb_judge"], "--max-tokens", 8, env=env)
     assert rc == 0 and "Traceback" not in err, err
-    (r,) = ugb.read_results(out / "results.jsonl").values()
-    assert r["attempts"] == 1 and isinstance(r["reply"], str)  # the tiny judge writes noise: recorded as failed
-    rc, _, err = cli("generate", "--model", "nobody/no-such-model", "--out", tmp_path / "x", "--prompts", prompt_file,
-                     env=env)
-    assert_one_line_error(rc, err, "--model", "nobody/no-such-model")
+    (r,) = ugb.read_results(out / "results.jsonl").values()  # one attempt: greedy decoding would only repeat itself
+    assert r["attempts"] == 1 and isinstance(r["reply"], str) and r["file"] == "0_0.png"
+    assert (r["scores"] is None) == (r["error"] is not None)  # a random judge writes noise: recorded as failed
 
 
 def test_runs_as_a_single_file_beside_pref_grpo(judge_server, tmp_path):
@@ -665,7 +650,7 @@ def test_help_shows_examples_and_every_flag_has_a_help_with_its_default():
     for command in ("generate", "evaluate", "report"):
         rc, out, _ = cli(command, "--help")
         flags = re.findall(r"^  (--[a-z-]+)", out, re.MULTILINE)
-        assert rc == 0 and len(flags) >= 3
+        assert rc == 0 and len(flags) >= 2
         blocks = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]
         for block in blocks:
             if not block.startswith("-h"):

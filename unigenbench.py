@@ -1,20 +1,18 @@
 """UniGenBench: does a text-to-image model draw what the prompt asks for? (Pref-GRPO, arXiv 2508.20751)
 
-Every benchmark prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity, "ink painting" -> Style).
-A multimodal judge looks at each generated image and scores every checkpoint 0 or 1, with the official UniGenBench
-judge prompt and reply parsing. Accuracy is pooled per sub-criterion (27), primary dimension (10) and theme (5); the
-overall score is the mean of the 10 primaries. Three steps, each resumable (run the same command again after a crash):
+Each prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity); a multimodal judge scores each 0 or 1 per
+image, with the official UniGenBench judge prompt and parsing. Accuracy is pooled per sub-criterion (27), primary
+dimension (10) and theme (5); overall = the mean of the 10 primaries. Each step resumes where a crash stopped it:
 
   python unigenbench.py generate --model black-forest-labs/FLUX.1-dev --prompts test_prompts_en.csv --out runs/ugb/base
   vllm serve CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1 --served-model-name QwenVL --port 8000   # the judge
-  python unigenbench.py evaluate --images runs/ugb/base --prompts test_prompts_en.csv --judge-url http://localhost:8000/v1
+  python unigenbench.py evaluate --images runs/ugb/base --prompts test_prompts_en.csv --judge-url http://HOST:8000/v1
   python unigenbench.py report runs/ugb/base/results.jsonl [runs/ugb/trained/results.jsonl ...]
 
   python unigenbench.py generate --model tiny --out runs/ugb/tiny        # a smoke test: tiny random FLUX, a minute
   python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1
 
-The default prompt set is our own prompts.jsonl (60 prompts); --prompts takes an official CSV (test_prompts_en.csv,
-_en_long, _zh, _zh_long). This file needs only pref_grpo.py beside it, and only for generate and --judge-local.
+Prompts: our prompts.jsonl (default) or an official CSV. Needs pref_grpo.py beside it for generate and --judge-local.
 """
 from __future__ import annotations
 
@@ -33,23 +31,19 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from tqdm import tqdm
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
 
-# ======================================================================================================================
-# The official judge input. Verbatim (byte for byte, leading spaces included) from CodeGoat24/UniGenBench
+# ======== The official judge input, verbatim (byte for byte, leading spaces included) from CodeGoat24/UniGenBench
 # eval/src/eval_common.py at commit 49d0bce: SYSTEM_PROMPT_EN_TEMPLATE / SYSTEM_PROMPT_ZH_TEMPLATE and
 # EXPLANATION_DICT_EN / EXPLANATION_DICT_ZH. UniGenBench, Copyright (C) 2025 Tencent, licensed under CC BY 4.0
 # (https://creativecommons.org/licenses/by/4.0/). The UniGenBench eval models were trained on this input.
-# ======================================================================================================================
 TEMPLATE_EN = """You are a precise and objective English-language image description system. I will provide you with a prompt for image generation, as well as the corresponding generated image. You will be given a set of evaluation criteria (checkpoints) and their explanations that define the relevance between the prompt and the image. You must evaluate whether the generated image fulfills the requirements implied by each checkpoint in the prompt.
 
             For each image, follow the steps below in order:
@@ -120,8 +114,7 @@ EXPLANATIONS_EN = {
     "World Knowledge": "Covers knowledge of celebrities, architecture, basic domain knowledge, and internet slang. Celebrities with modern copyright risk should be avoided",
     "Style": "Art, painting, photography, design styles, and corresponding artist names",
     "Text Generation": "The text content model needed to accurately generate without any omissions or extra words",
-    "Logical Reasoning": "Requires the model to deeply understand the intent and perform reasoning",
-}
+    "Logical Reasoning": "Requires the model to deeply understand the intent and perform reasoning"}
 EXPLANATIONS_ZH = {
     "关系-比较关系": "两者的属性对比", "关系-构成关系": "一个实体由另一种或几种实体构成",
     "关系-包含关系": "容器对实体的包含关系，容器也可以是平面的，比如：墙上的画里有一只蛇",
@@ -139,13 +132,13 @@ EXPLANATIONS_ZH = {
     "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
     "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人",
     "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
-    "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字",
-}
-HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}  # checkpoint definitions, descriptions ("Defination" sic)
+    "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字"}
+# The headers of the checkpoint definitions and descriptions blocks ("Defination" sic).
+HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}
 
 
 # ======== Taxonomy: 27 sub-criteria in 10 primary dimensions (leaderboard order); 5 themes with 20 sub-themes
-Criterion = NamedTuple("Criterion", [("primary", str), ("zh", str)])  # its primary dimension, its Chinese name
+Criterion = namedtuple("Criterion", "primary zh")  # its primary dimension, its name in the zh files and zh prompt
 ZH_NAMES = {  # the 27 sub-criteria in leaderboard order, with their Chinese names
     "Style": "风格", "World Knowledge": "世界知识", "Attribute - Color": "属性-颜色", "Attribute - Expression": "属性-表情",
     "Attribute - Material": "属性-材质", "Attribute - Quantity": "属性-数量", "Attribute - Shape": "属性-形状",
@@ -163,7 +156,8 @@ SHORT = {"Entity Layout": "Layout", "Text Generation": "Text"}  # the leaderboar
 SUB_CRITERIA = {name: Criterion(SHORT.get(p := name.split(" - ")[0], p), zh) for name, zh in ZH_NAMES.items()}
 PRIMARIES = list(dict.fromkeys(c.primary for c in SUB_CRITERIA.values()))  # the 10, in leaderboard order
 
-THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计", "Film & Story": "影视故事"}
+THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计",
+             "Film & Story": "影视故事"}
 SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
     "Art": {"Graphic Art": "平面艺术", "Photography Art": "摄影艺术", "Sculptural (Three-dimensional) Art": "立体艺术",
             "Other": "其他"},
@@ -172,28 +166,24 @@ SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
     "Design": {"Advertising/E-commerce Design": "广告/电商设计", "Design Assets": "设计素材", "Fashion Design": "服装设计",
                "Game Design": "游戏设计", "IP Design": "ip设计", "Logo/Icon Design": "logo/icon设计",
                "Poster Design": "海报设计", "Spatial Design": "空间设计", "UI Design": "软件界面设计"},
-    "Film & Story": {"Animation": "动画", "Realism": "写实", "Sci-Fi": "科幻"},
-}
+    "Film & Story": {"Animation": "动画", "Realism": "写实", "Sci-Fi": "科幻"}}
 # Older rows of the official CSVs use other labels; these are the ones a case-insensitive match does not catch.
-SUBTHEME_ALIASES = {"sculptural art": "Sculptural (Three-dimensional) Art",
-                    "three-dimensional art": "Sculptural (Three-dimensional) Art", "space design": "Spatial Design",
-                    "mapping-content mapping": "Content Illustration",
-                    "creativity divergence-imagination divergence": "Imaginative Thinking"}
-SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene", "拟人": "Anthropomorphic"}
+SUBTHEME_ALIASES = {"sculptural art": "Sculptural (Three-dimensional) Art", "space design": "Spatial Design",
+                    "three-dimensional art": "Sculptural (Three-dimensional) Art", "mapping-content mapping":
+                    "Content Illustration", "creativity divergence-imagination divergence": "Imaginative Thinking"}
+SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene",
+               "拟人": "Anthropomorphic"}
 KEYS_ZH = {"一级垂类": "Primary Categories", "二级垂类": "Secondary Categories", "主体": "Subjects",  # zh JSON keys
            "句式": "Sentence Structure", "考点": "Testpoints", "考点对应描述": "Testpoint Description"}
 
 
-def _key(name: str) -> str:
-    return re.sub(r"\s+", "", name).lower()  # "Attribute - Color", "attribute-color" and "属性-颜色" all match
-
-
 def canonical_criterion(name: str, where: str) -> str:
-    """English or Chinese checkpoint name -> one of the 27 English sub-criteria."""
-    by_key = {_key(n): n for n in SUB_CRITERIA} | {_key(c.zh): n for n, c in SUB_CRITERIA.items()}
-    if _key(name) not in by_key:
+    """English or Chinese checkpoint name -> one of the 27 English sub-criteria (spaces and case do not matter)."""
+    key = lambda text: re.sub(r"\s+", "", text).lower()  # noqa: E731
+    by_key = {key(n): n for n in SUB_CRITERIA} | {key(c.zh): n for n, c in SUB_CRITERIA.items()}
+    if key(name) not in by_key:
         raise SystemExit(f"error: {where}: unknown checkpoint {name!r} (not one of the 27 UniGenBench sub-criteria)")
-    return by_key[_key(name)]
+    return by_key[key(name)]
 
 
 def normalise_subtheme(theme: str, raw: str) -> str:
@@ -207,19 +197,12 @@ def normalise_subtheme(theme: str, raw: str) -> str:
 
 
 # ======== Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
-@dataclass(frozen=True)
-class BenchPrompt:
-    index: int
-    prompt: str
-    theme: str
-    subtheme: str
-    subject: str
-    checkpoints: tuple[tuple[str, str], ...]  # (English sub-criterion, the part of the prompt it tests)
-    lang: str = "en"  # "zh" for the Chinese sets (prompt_zh, 考点): the zh judge template, explanations and names
+# checkpoints: (English sub-criterion, the part of the prompt it tests) pairs; lang "zh" for the Chinese sets (a
+# prompt_zh column, 考点 keys): they get the zh judge template, explanations and names.
+BenchPrompt = namedtuple("BenchPrompt", "index prompt theme subtheme subject checkpoints lang", defaults=["en"])
 
 
-class PromptSet(list):
-    """The prompts of one file, with its name (recorded with the images, so a mismatched --prompts is caught)."""
+class PromptSet(list):  # the prompts of one file, and its name (generate records it, so a wrong --prompts is caught)
     name = ""
 
 
@@ -247,9 +230,8 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
                          "equal length")
     theme = str(fields.get("Primary Categories", "")).strip()
     theme = ({t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}).get(theme.lower(), theme)
-    subject = str(fields.get("Subjects", "")).strip()
     return BenchPrompt(index, text, theme, normalise_subtheme(theme, str(fields.get("Secondary Categories", ""))),
-                       SUBJECTS_ZH.get(subject, subject),
+                       SUBJECTS_ZH.get(subject := str(fields.get("Subjects", "")).strip(), subject),
                        tuple((canonical_criterion(str(n), where), str(d)) for n, d in zip(names, descriptions)),
                        "zh" if zh or "考点" in sub_dims else "en")
 
@@ -271,15 +253,14 @@ def _read_csv(path: Path):
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    index = int(row["index"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise SystemExit(f"error: {path}:{line_no}: not a prompt record ({type(e).__name__}: {e})") from None
-                yield index, row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{line_no} (index {index})", False
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+            index = None if row is None else int(row["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {path}:{line_no}: not a prompt record ({type(e).__name__}: {e})") from None
+        if row is not None:
+            yield index, row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{line_no} (index {index})", False
 
 
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
@@ -289,8 +270,7 @@ def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
     prompts = PromptSet(to_bench_prompt(*row) for row in rows)
     prompts.name = path.name
-    indices = [p.index for p in prompts]
-    if not prompts or len(set(indices)) != len(indices):
+    if not prompts or len({p.index for p in prompts}) != len(prompts):
         raise SystemExit(f"error: {path}: no prompts, or a repeated index (image files are named by index)")
     return prompts
 
@@ -331,37 +311,15 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
-def scrub(text, key_env: str) -> str:
-    """Text shown to users and written to results: one line, and never the API key (servers may echo requests)."""
+def scrub(text, key_env: str) -> str:  # what users see and results keep: one line, never the key (servers echo)
     key = os.environ.get(key_env)
     return " ".join((str(text).replace(key, "***") if key else str(text)).split())[:300]
 
 
-def post_chat(url: str, payload: dict, headers: dict, timeout: float, key_env: str):
-    """One POST: (reply, None, _) or (None, why it failed, whether asking again may help). Never raises."""
-    try:
-        req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
-            text = json.loads(resp.read())["choices"][0]["message"]["content"]
-        if not isinstance(text, str):
-            raise TypeError("message content is not text")
-        return text, None, True
-    except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; another 4xx would be rejected again
-        hint = " (is --judge-url missing /v1?)" if e.code == 404 and "/v1/" not in url else ""
-        return None, f"HTTP {e.code}{hint}", e.code >= 500 or e.code in (408, 429)
-    except (OSError, http.client.HTTPException) as e:
-        if isinstance(getattr(e, "reason", e), TimeoutError):
-            return None, f"timeout after {timeout:g} s", True
-        return None, scrub(f"connection failed: {getattr(e, 'reason', e)}", key_env), True
-    except (ValueError, LookupError, TypeError) as e:
-        return None, f"unreadable server reply ({type(e).__name__})", True
-
-
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
                  timeout: float = 300.0, max_tokens: int = 4096):
-    """judge([(text, image)]) -> [(reply, error, retriable)], `workers` requests in flight. The official request: one
-    user message, the image (JPEG quality 95, base64) then the text; max_tokens 4096. We send temperature 0 (the
-    official eval's do_sample false). Checks at once that the server is up and serves `model`."""
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096), plus
+    temperature 0 for the official eval's do_sample false. Checks at once that the server is up and serves `model`."""
     key = os.environ.get(key_env)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
@@ -378,33 +336,45 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
 
-    def ask(request):
+    def ask(request):  # one POST: (reply, None, _) or (None, why it failed, whether asking again may help)
         text, image, buf = *request, io.BytesIO()
         image.save(buf, format="JPEG", quality=95)
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": text}]
-        return post_chat(url.rstrip("/") + "/chat/completions", {"model": model, "max_tokens": max_tokens, "messages": [
-            {"role": "user", "content": content}], "temperature": 0.0}, headers, timeout, key_env)
+        payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                   "temperature": 0.0}
+        try:
+            req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
+                                         headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
+                reply = json.loads(resp.read())["choices"][0]["message"]["content"]
+            if not isinstance(reply, str):
+                raise TypeError("message content is not text")
+            return reply, None, True
+        except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
+            return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(getattr(e, "reason", e), TimeoutError):
+                return None, f"timeout after {timeout:g} s", True
+            return None, scrub(f"connection failed: {getattr(e, 'reason', e)}", key_env), True
+        except (ValueError, LookupError, TypeError) as e:
+            return None, f"unreadable server reply ({type(e).__name__})", True
 
-    def judge(requests):
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            return list(pool.map(ask, requests))
+    pool = ThreadPoolExecutor(max(1, workers))
+    judge = lambda requests: list(pool.map(ask, requests))  # noqa: E731
     judge.where = f"--judge-url {url}"
     return judge
 
 
-def local_judge(vlm, *, max_tokens: int = 4096, batch_size: int = 4):
+def local_judge(vlm, *, max_tokens: int = 4096):
     """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
     import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
 
-    where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
-    vlm = pref_grpo.load_local_vlm(vlm) if isinstance(vlm, str) else vlm
+    model = pref_grpo.load_local_vlm(vlm) if isinstance(vlm, str) else vlm
 
     def judge(requests):
-        replies = pref_grpo.local_chat(vlm, [(text, [im]) for text, im in requests], max_tokens=max_tokens,
-                                       batch_size=batch_size)
-        return [(reply, None, True) for reply in replies]
-    judge.where = where
+        return [(r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests], max_tokens=max_tokens)]
+    judge.where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
     return judge
 
 
@@ -419,8 +389,6 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
     """Write OUT/{index}_{j}.png for every prompt and j < n not there yet; image j has seed `seed + j` for every prompt
     (as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
     steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
-    if not 1 <= n <= 1000:
-        raise SystemExit(f"error: --n must be between 1 and 1000, got {n}")
     (out := Path(out)).mkdir(parents=True, exist_ok=True)
     settings = dict(model=model, lora=str(Path(lora).resolve()) if lora else None, steps=steps, resolution=resolution,
                     guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
@@ -455,16 +423,14 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
 # ======== evaluate: one request per image with all its checkpoints; one JSON line per image, appended as it is done
 def read_results(path: Path) -> dict[tuple[int, int], dict]:
     """Records by (index, image). A later line for the same image replaces an earlier one (see --retry-failed)."""
-    records = {}
-    if Path(path).exists():
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                try:
-                    record = json.loads(line)
-                    records[(int(record["index"]), int(record["image"]))] = record
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    if line.strip():  # a kill can cut the last line short; that image is judged again
-                        warnings.warn(f"{path}:{line_no}: skipping an unreadable line")
+    records, lines = {}, Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            records[(int(record["index"]), int(record["image"]))] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if line.strip():  # a kill can cut the last line short; that image is judged again
+                warnings.warn(f"{path}:{line_no}: skipping an unreadable line")
     return records
 
 
@@ -504,8 +470,6 @@ def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, atte
     pending = [i for i, im in enumerate(images) if not isinstance(im, str)]
     for attempt in range(1, attempts + 1):
         answers = judge([(texts[i], images[i]) for i in pending]) if pending else []
-        if len(answers) != len(pending):  # zip would silently drop images
-            raise RuntimeError(f"the judge returned {len(answers)} replies for {len(pending)} requests")
         for i, (reply, error, _) in zip(pending, answers):
             outcome[i] = (reply, *(parse_reply(reply, len(chunk[i][0].checkpoints)) if error is None else
                                    (None, None, error)), attempt)
@@ -522,9 +486,8 @@ def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, atte
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
              chunk: int = 32, attempts: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge every image RESULTS does not hold yet, appending one JSON line each; returns this run's counts.
-    `judge([(text, image)]) -> [(reply, error, retriable)]`. If the first `stop_after` judgments of a run all fail,
-    the judge is broken: stop with one line (recording nothing) rather than record hours of failures."""
+    """Judge the images RESULTS lacks, one JSON line each; judge([(text, image)]) -> [(reply, error, retriable)]. If the
+    first `stop_after` judgments all fail, the judge is broken: stop, rather than record hours of failures."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
     done, by_index = read_results(results), {p.index: p.prompt for p in prompts}
@@ -539,13 +502,10 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
         print(f"evaluate: {len(failed)} images failed in an earlier run; "
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
-    if results.exists() and results.stat().st_size:
-        with open(results, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")  # end the line a kill cut short, so the next record starts a line of its own
-    counts, held, extra = {"judged": 0, "failed": 0}, [], dict(prompt_set=prompts_fingerprint(prompts), expected=len(keys))
+    cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
+    counts, held, extra = {"judged": 0, "failed": 0}, [], {"prompt_set": prompts_fingerprint(prompts), "expected": len(keys)}
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
+        out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
         for start in range(0, len(todo), chunk):
             for record in _judge_chunk(todo[start:start + chunk], images, judge, attempts, suffix):
                 counts["failed" if record["scores"] is None else "judged"] += 1
@@ -561,8 +521,7 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
             bar.update(min(chunk, len(todo) - start))
         out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)  # fewer than stop_after
     if counts["failed"]:
-        print(f"evaluate: {counts['failed']} judgments failed; they are recorded with the reason, left out of the "
-              "accuracy and counted in the report. Rerun with --retry-failed to judge them again.")
+        print(f"evaluate: {counts['failed']} failed (each with its reason in {results}); --retry-failed asks again")
     return counts
 
 
@@ -625,9 +584,7 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         cells += ["n/a" if v is None or values[0] is None else f"{v - values[0]:+.2f}" for v in values[1:]]
         return f"| {label} | " + " | ".join(cells) + " |" if any(v is not None for v in values) else None
 
-    def accuracy(table, key):
-        return lambda s: s[table][key]["accuracy"] if key in s[table] else None
-
+    accuracy = lambda table, key: lambda s: s[table][key]["accuracy"] if key in s[table] else None  # noqa: E731
     lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
              "|" + "---|" * (2 * len(names)),
              "| Images (failed judgments, not scored) | " + " | ".join(
@@ -639,9 +596,8 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
         lines += [row(f"**{primary}**", accuracy("primary", primary))] + [
             row(f"&nbsp;&nbsp;{sub}", accuracy("sub_criteria", sub)) for sub in subs if len(subs) > 1]
-    lines += [row(f"Theme: {theme}", accuracy("themes", theme)) for theme in dict.fromkeys(t for s in runs for t in s["themes"])]
-    partial = [name for name, s in summaries.items() if s["primaries_scored"] < len(PRIMARIES)]
-    if partial:
+    lines += [row(f"Theme: {t}", accuracy("themes", t)) for t in dict.fromkeys(t for s in runs for t in s["themes"])]
+    if partial := [name for name, s in summaries.items() if s["primaries_scored"] < len(PRIMARIES)]:
         lines.append(f"\nThe overall of {', '.join(partial)} averages fewer than {len(PRIMARIES)} primary dimensions.")
     return "\n".join(line for line in lines if line) + "\n"
 
@@ -680,7 +636,8 @@ def add_flags(parser, flags) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     doc = __doc__.split("\n\n")
-    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
     g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
     add_flags(g, [
@@ -690,9 +647,9 @@ def main(argv: list[str] | None = None) -> None:
         ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
         ("--resolution", None, "image side in pixels; default: 1024 (official), 32 with --model tiny", {"type": int}),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}),
-        ("--guidance", 3.5, "FLUX guidance (official)"), ("--seed", 3407, "image j uses seed SEED + j, "
-                                                                  "for every prompt (official)"),
-        ("--max-sequence-length", 512, "T5 tokens (official)"), ("--batch-size", 4, "images per sampler call")])
+        ("--guidance", 3.5, "FLUX guidance (official)"), ("--max-sequence-length", 512, "T5 tokens (official)"),
+        ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)"),
+        ("--batch-size", 4, "images per sampler call")])
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
@@ -704,7 +661,6 @@ def main(argv: list[str] | None = None) -> None:
          "greedily and gets one"),
         ("--max-tokens", 4096, "reply length limit (official)"), ("--workers", 8, "requests in flight"),
         ("--timeout", 300.0, "seconds per request"), ("--chunk", 32, "images judged between writes"),
-        ("--batch-size", 4, "--judge-local: images per generate() call"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
     judges = e.add_mutually_exclusive_group(required=True)
@@ -732,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
         check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
         judge = (server_judge(args.judge_url, args.judge_model, key_env=args.api_key_env, workers=args.workers,
                               timeout=args.timeout, max_tokens=args.max_tokens) if args.judge_url else
-                 local_judge(args.judge_local, max_tokens=args.max_tokens, batch_size=args.batch_size))
+                 local_judge(args.judge_local, max_tokens=args.max_tokens))
         evaluate(prompts, args.images, args.results or Path(args.images) / "results.jsonl", judge, n=args.n,
                  chunk=args.chunk, attempts=args.attempts if args.judge_url else 1, retry_failed=args.retry_failed,
                  suffix=args.image_suffix)
