@@ -1,7 +1,15 @@
-"""Tests for unigenbench.py: CPU only, nothing downloaded (tiny random models, a judge server on 127.0.0.1)."""
+"""Tests for unigenbench.py: CPU only, nothing downloaded (tiny random models in an offline HF cache, judge servers on
+127.0.0.1 answering from a script)."""
+import ast
+import base64
 import csv
+import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import warnings
 from collections import Counter
@@ -13,11 +21,15 @@ import pytest
 from PIL import Image
 
 import unigenbench as ugb
+from conftest import HUB_IDS, offline_env
 
-DATA = Path(__file__).parent.parent / "shared" / "unigenbench-data"
+HERE = Path(__file__).parent
+DATA = HERE.parent / "shared" / "unigenbench-data"
+PROTOCOLS = HERE.parent / "shared" / "judge-protocols"
 OFFICIAL = {"test_prompts_en.csv": "en", "test_prompts_en_long.csv": "en_long", "test_prompts_zh.csv": "zh",
             "test_prompts_zh_long.csv": "zh_long", "prefgrpo_unigenbench_test_data.csv": "prefgrpo_paper_en"}
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="official UniGenBench data not found beside the repo")
+needs_protocols = pytest.mark.skipif(not PROTOCOLS.is_dir(), reason="judge protocols not found beside the repo")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +41,21 @@ def load_quietly(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ugb.load_prompts(path)
+
+
+def cli(*args, cwd=HERE, env=None, script=HERE / "unigenbench.py", timeout=300):
+    """The script as a user runs it: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(rc, err, *culprits):
+    assert rc != 0 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:"), err
+    for culprit in culprits:
+        assert culprit in last, (culprit, last)
 
 
 # ----------------------------------------------------------------------------------------------- prompt files
@@ -49,7 +76,8 @@ def test_official_csv_loads_completely(name, taxonomy):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prompts = ugb.load_prompts(DATA / name)
-    assert [p.index for p in prompts] == list(range(600))
+    assert [p.index for p in prompts] == list(range(600)) and prompts.name == name
+    assert {p.lang for p in prompts} == {"zh" if "_zh" in name else "en"}
     raw = raw_checkpoint_counts(DATA / name)
     assert [len(p.checkpoints) for p in prompts] == raw
     assert sum(raw) == taxonomy["total_testpoints"][OFFICIAL[name]]
@@ -90,7 +118,7 @@ def test_zh_and_en_files_agree_checkpoint_by_checkpoint():
 @needs_data
 def test_our_prompts_cover_everything_and_are_our_own(taxonomy):
     prompts = ugb.load_prompts()  # the default: prompts.jsonl
-    assert len(prompts) >= 60
+    assert len(prompts) >= 60 and {p.lang for p in prompts} == {"en"}
     assert {p.theme for p in prompts} == set(ugb.THEMES_ZH)
     subthemes = {(t["theme_en"], s["subtheme"]) for t in taxonomy["prompt_themes"] for s in t["subthemes"]}
     assert {(p.theme, p.subtheme) for p in prompts} == subthemes and len(subthemes) == 20
@@ -105,17 +133,13 @@ def test_our_prompts_cover_everything_and_are_our_own(taxonomy):
 
 
 @needs_data
-def test_criteria_table_matches_the_taxonomy_in_our_own_words(taxonomy):
+def test_criteria_table_matches_the_taxonomy(taxonomy):
     assert len(ugb.SUB_CRITERIA) == 27 and len(ugb.PRIMARIES) == 10
-
-    def four_grams(text):
-        words = re.findall(r"[a-z']+", text.lower())
-        return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
     for dim in taxonomy["evaluation_dimensions"]:
         for sub in dim["sub_dimensions"]:
             ours = ugb.SUB_CRITERIA[sub["name_en"]]
             assert (ours.primary, ours.zh) == (dim["primary_en"], sub["name_zh"])
-            assert not four_grams(ours.definition) & four_grams(sub["definition_en"]), sub["name_en"]
+            assert ugb.EXPLANATIONS_EN[sub["name_en"]] == sub["definition_en"]
 
 
 @pytest.mark.parametrize("content, error", [
@@ -128,46 +152,77 @@ def test_bad_prompt_files_give_one_line_errors(tmp_path, content, error):
     path.write_text(content + "\n")
     with pytest.raises(SystemExit, match=error) as e:
         ugb.load_prompts(path)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "bad.jsonl" in str(e.value)
     broken = tmp_path / "broken.csv"
     broken.write_text('index,prompt_en,sub_dims_en\n0,a cat,"{""Testpoints"": [""Style""" ""x""]"\n')
     with pytest.raises(SystemExit, match="malformed"):
         ugb.load_prompts(broken)
 
 
-# ------------------------------------------------------------------------------------------------ judge replies
+# ------------------------------------------------------------------------------- the official judge input and parse
+@needs_protocols
+def test_templates_and_explanations_are_the_official_ones_byte_for_byte():
+    config = json.loads((PROTOCOLS / "unigenbench_judge_config.json").read_text(encoding="utf-8"))
+    for lang, template in ("en", ugb.TEMPLATE_EN), ("zh", ugb.TEMPLATE_ZH):
+        assert template == (PROTOCOLS / f"unigenbench_judge_{lang}.txt").read_text(encoding="utf-8")
+        assert ugb.HEADERS[lang] == (config[lang]["checkpoint_header"], config[lang]["checkpoint_desc_header"])
+    assert list(ugb.EXPLANATIONS_EN.items()) == list(config["en"]["explanations"].items())
+    assert list(ugb.EXPLANATIONS_ZH.items()) == list(config["zh"]["explanations"].items())
+    assert {c.zh for c in ugb.SUB_CRITERIA.values()} == set(ugb.EXPLANATIONS_ZH)
+    assert set(ugb.SUB_CRITERIA) == set(ugb.EXPLANATIONS_EN)
+    source = (HERE / "unigenbench.py").read_text(encoding="utf-8")
+    assert "CodeGoat24/UniGenBench" in source and "49d0bce" in source and "CC BY 4.0" in source
+
+
+@needs_data
+@needs_protocols
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_judge_prompt_for_index_0_is_the_official_example(lang):
+    prompts = ugb.load_prompts(DATA / f"test_prompts_{lang}.csv")
+    expected = (PROTOCOLS / f"unigenbench_judge_{lang}_example_index0.txt").read_text(encoding="utf-8")
+    assert ugb.judge_prompt(prompts[0]).encode() == expected.encode()
+
+
+def test_our_prompts_use_the_english_template():
+    p = ugb.load_prompts()[0]
+    text = ugb.judge_prompt(p)
+    assert text.startswith("You are a precise and objective English-language image description system.")
+    assert f"<checkpoint>{[n for n, _ in p.checkpoints]!r}</checkpoint>" in text
+    assert f"\n{p.checkpoints[0][0]}: {ugb.EXPLANATIONS_EN[p.checkpoints[0][0]]}" in text
+
+
+def official_reply(scores, analyses=None):
+    analyses = analyses if analyses is not None else [f"checkpoint {k} looked at" for k in range(len(scores))]
+    return f"<description>\n<analysis>{analyses!r}</analysis>\n<score>{scores!r}</score>\n</description>"
+
+
 @pytest.mark.parametrize("reply, n, scores, error", [
-    ("<analysis>style ok; two cats</analysis>\n<score>[1, 0]</score>", 2, [1, 0], None),
-    ("Sure! Here you go.\n<analysis>fine</analysis><score>[1,1,0]</score>\nHope this helps.", 3, [1, 1, 0], None),
-    ("<ANALYSIS>x</ANALYSIS><SCORE>[ 0 ]", 1, [0], None),                       # case, spaces, no closing tag
-    ("<score>[0, 0]</score> on reflection: <score>[1, 1]</score>", 2, [1, 1], None),  # the last list counts
-    ("<analysis>a</analysis><score>[1, 0]</score>", 3, None, "expected 3 scores, got 2"),
-    ("<score>[1, 0, 1, 1]</score>", 3, None, "expected 3 scores, got 4"),
-    ("The image matches. Scores: 1, 0, 1", 3, None, "no <score>"),
-    ("<score>[1, 2, 0]</score>", 3, None, "0 or 1"),
-    ("<score>[yes, no]</score>", 2, None, "0 or 1"),
-    ("<score>[0.5, 1]</score>", 2, None, "0 or 1"),
-    ("<score>[]</score>", 1, None, "0 or 1"),
-    (None, 2, None, "no reply"),
+    (official_reply([1, 0]), 2, [1, 0], None),
+    ("Sure.\n<analysis>['a', 'b', 'c']</analysis>\n<score>[1, 1, 0]</score> done", 3, [1, 1, 0], None),
+    ("<analysis>\n ['x'] \n</analysis><score>\n[1]\n</score>", 1, [1], None),            # DOTALL, stripped
+    ("<analysis>['a', 'b']</analysis><score>[1, 2]</score>", 2, [1, 0], None),           # passes only when == 1
+    ("<analysis>['a', 'b']</analysis><score>[1.0, True]</score>", 2, [1, 1], None),      # 1.0 == 1, True == 1
+    ("<analysis>['a']</analysis><score>[0]</score> then <analysis>['b', 'c']</analysis><score>[1, 1]</score>",
+     1, [0], None),                                                                      # the first match counts
+    ("<analysis>['a', 'b']</analysis><score>[1, 0]</score>", 3, None, "expected 3 analyses and 3 scores, got 2 and 2"),
+    ("<analysis>['a', 'b', 'c']</analysis><score>[1, 0]</score>", 3, None, "got 3 and 2"),
+    ("<analysis>looks fine</analysis><score>[1]</score>", 1, None, "not a Python list"),  # not a literal
+    ("<analysis>'a'</analysis><score>[1]</score>", 1, None, "got str and 1"),
+    ("<analysis>['a']</analysis><score>1</score>", 1, None, "got 1 and int"),
+    ("<ANALYSIS>['a']</ANALYSIS><SCORE>[1]</SCORE>", 1, None, "no <analysis>"),          # case-sensitive, as official
+    ("<analysis>['a']</analysis><score>[1]", 1, None, "no <score>"),                     # no closing tag
+    ("The image matches. Scores: 1, 0, 1", 3, None, "unparsable"),
 ])
-def test_parse_reply(reply, n, scores, error):
-    got, _, err = ugb.parse_reply(reply, n)
+def test_parse_reply_is_the_official_parse(reply, n, scores, error):
+    got, analysis, err = ugb.parse_reply(reply, n)
     assert got == scores
-    assert (err is None) if error is None else (error in err)
-
-
-def test_instruction_lists_every_checkpoint_with_definition_and_description():
-    p = ugb.BenchPrompt(0, "two red foxes", "Art", "Other", "Animal",
-                        (("Attribute - Quantity", "two"), ("Attribute - Color", "red foxes")))
-    text = ugb.judge_instruction(p)
-    assert '"two red foxes"' in text and "exactly 2 scores" in text and "<score>[s1, s2]</score>" in text
-    assert f'1. Attribute - Quantity: {ugb.SUB_CRITERIA["Attribute - Quantity"].definition}. In this prompt: "two"' in text
+    assert (err is None and isinstance(analysis, list)) if error is None else (error in err and "unparsable" in err)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-def record(index, theme, names, scores, image=0):
+def record(index, theme, names, scores, image=0, **extra):
     return {"index": index, "image": image, "theme": theme, "checkpoints": [[n, "..."] for n in names],
-            "scores": scores}
+            "scores": scores, **extra}
 
 
 HAND_MADE = [
@@ -210,9 +265,9 @@ def write_results(path: Path, records):
     return str(path)
 
 
-def test_compare_table_with_deltas(tmp_path, capsys):
-    base = write_results(tmp_path / "base" / "results.jsonl", HAND_MADE)
-    better = [dict(r, scores=[1] * len(r["checkpoints"])) for r in HAND_MADE[:4]]
+def test_compare_table_with_deltas_and_coverage_warnings(tmp_path, capsys):
+    base = write_results(tmp_path / "base" / "results.jsonl", [dict(r, expected=5) for r in HAND_MADE])
+    better = [dict(r, scores=[1] * len(r["checkpoints"]), expected=5) for r in HAND_MADE[:4]]
     trained = write_results(tmp_path / "trained" / "results.jsonl", better)
     ugb.main(["report", base, trained, "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp.md").read_text()
@@ -220,11 +275,22 @@ def test_compare_table_with_deltas(tmp_path, capsys):
     assert "| **Overall** | 70.00 | 100.00 | +30.00 |" in table
     assert "| **Attribute** | 60.00 | 100.00 | +40.00 |" in table
     assert "| 5 (1 failed) | 4 (0 failed) |" in table
+    assert "| Coverage (judged / expected images) | 4/5 (80.0%) | 4/5 (80.0%) |" in table
+    out = capsys.readouterr().out
+    for text in (table, out):  # base: 1 failed; trained: 1 never judged; both judged the same 4 images
+        assert "warning: base is incomplete: 4 of 5 images judged (1 failed, 0 not judged yet)" in text
+        assert "warning: trained is incomplete: 4 of 5 images judged (0 failed, 1 not judged yet)" in text
+        assert "cover different images" not in text
     saved = json.loads((tmp_path / "cmp.json").read_text())
-    assert saved["trained"]["overall"] == 100.0 and saved["base"]["failed"] == 1
-    assert "Δ trained" in capsys.readouterr().out
-    ugb.main(["report", base])  # one run: report.json / report.md beside it
-    assert "| **Overall** | 70.00 |" in (tmp_path / "base" / "report.md").read_text()
+    assert saved["trained"]["overall"] == 100.0 and saved["base"]["failed"] == 1 and saved["base"]["coverage"] == 80
+    other = write_results(tmp_path / "other" / "results.jsonl", [dict(r, expected=5) for r in HAND_MADE[1:]]
+                          + [record(0, "Art", ["Style"], [1], image=1, expected=5)])
+    ugb.main(["report", base, other, "--out", str(tmp_path / "cmp2")])
+    assert "warning: other and base cover different images (2 judged in only one)" in capsys.readouterr().out
+    complete = write_results(tmp_path / "done" / "results.jsonl", HAND_MADE[:4])
+    ugb.main(["report", complete])  # one run: report.json / report.md beside it
+    md = (tmp_path / "done" / "report.md").read_text()
+    assert "| **Overall** | 70.00 |" in md and "| 4/4 (100.0%) |" in md and "warning" not in md
 
 
 def test_report_rejects_malformed_results(tmp_path):
@@ -237,7 +303,8 @@ def test_report_rejects_malformed_results(tmp_path):
 
 # ------------------------------------------------------------------------------------ end to end: judge server
 class FakeJudge(BaseHTTPRequestHandler):
-    """OpenAI chat-completions on 127.0.0.1. `behaviour(text) -> reply text or HTTP status` is set per test."""
+    """OpenAI chat completions on 127.0.0.1 under /v1 (anything else: 404). `behaviour(text) -> reply text or HTTP
+    status` is set per test; `served` is what /v1/models lists."""
 
     def log_message(self, *args):
         pass
@@ -251,71 +318,101 @@ class FakeJudge(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self.send(200, {"object": "list", "data": [{"id": "judge", "object": "model"}]})
+        if self.path != "/v1/models":
+            return self.send(404, {"detail": "Not Found"})
+        self.send(200, {"object": "list", "data": [{"id": name, "object": "model"} for name in self.server.served]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        parts = body["messages"][-1]["content"]
-        text = next(p["text"] for p in parts if p["type"] == "text")
-        image = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        if self.path != "/v1/chat/completions":
+            return self.send(404, {"detail": "Not Found"})
         with self.server.lock:
-            self.server.seen.append((text, image, body["temperature"]))
+            self.server.seen.append(body)
+        text = body["messages"][0]["content"][1]["text"]
         reply = self.server.behaviour(text)
         if isinstance(reply, int):
-            self.send(reply, {"error": {"message": "judge overloaded"}})
+            self.send(reply, {"error": {"message": "judge trouble"}})
         else:
             self.send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
                             "choices": [{"index": 0, "finish_reason": "stop",
                                          "message": {"role": "assistant", "content": reply}}]})
 
 
+def checkpoints_asked(text):
+    return ast.literal_eval(re.search(r"<checkpoint>(.*?)</checkpoint>", text).group(1))
+
+
 def alternating_scores(text):
     """A well-behaved judge: checkpoint k (from 1) scores 1 when k is odd."""
-    n = len(re.findall(r"^\d+\. ", text, re.MULTILINE))
-    return "<analysis>looked at each checkpoint</analysis>\n<score>[" + ", ".join(
-        str(k % 2) for k in range(1, n + 1)) + "]</score>"
+    return official_reply([k % 2 for k in range(1, len(checkpoints_asked(text)) + 1)])
 
 
 @pytest.fixture
 def judge_server(monkeypatch):
-    import mllm
-
-    monkeypatch.setattr(mllm, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(ugb, "RETRY_BACKOFF_S", 0.001)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    server.lock, server.seen, server.behaviour = threading.Lock(), [], alternating_scores
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.lock, server.seen, server.behaviour, server.served = threading.Lock(), [], alternating_scores, ["QwenVL"]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.root = f"http://127.0.0.1:{server.server_address[1]}"
+    server.url = server.root + "/v1"
     yield server
     server.shutdown()
     server.server_close()
 
 
+def sent(body):
+    """(text, decoded image) of one request, checking it has the official shape."""
+    (message,) = body["messages"]
+    image, text = message["content"]
+    assert message["role"] == "user" and image["type"] == "image_url" and text["type"] == "text"
+    url = image["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    return text["text"], Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def make_bench(folder, count=3, n=2, suffix="png"):
+    """The first `count` of our prompts, n images each, every image a different colour (so each is traceable)."""
+    prompts = ugb.load_prompts()[:count]
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in prompts:
+        for j in range(n):
+            Image.new("RGB", (16, 16), (20 * p.index, 100 * j, 7)).save(ugb.image_path(folder, p.index, j, suffix))
+    prompt_file = folder.parent / f"{folder.name}-prompts.jsonl"
+    prompt_file.write_text("".join(line + "\n" for line in ugb.DEFAULT_PROMPTS.read_text().splitlines()[:count]))
+    return prompts, folder, prompt_file
+
+
 @pytest.fixture
 def bench(tmp_path):
-    """The first 3 of our prompts, 2 images each, every image a different colour (so each request is traceable)."""
-    prompts = ugb.load_prompts()[:3]
-    for p in prompts:
-        for j in range(2):
-            Image.new("RGB", (16, 16), (40 * p.index, 100 * j, 7)).save(ugb.image_path(tmp_path, p.index, j))
-    return prompts, tmp_path
+    return make_bench(tmp_path / "images")
+
+
+def test_server_judge_sends_the_official_request(judge_server, bench):
+    prompts, folder, _ = bench
+    judge = ugb.server_judge(judge_server.url)  # the default served name: QwenVL
+    counts = ugb.evaluate(prompts[:1], folder, folder / "results.jsonl", judge, n=2)
+    assert counts == {"judged": 2, "failed": 0} and len(judge_server.seen) == 2
+    for body in judge_server.seen:
+        assert body["model"] == "QwenVL" and body["max_tokens"] == 4096 and body["temperature"] == 0.0
+        text, image = sent(body)
+        assert text == ugb.judge_prompt(prompts[0]) and image.format == "JPEG" and image.size == (16, 16)
 
 
 def test_server_judge_end_to_end_with_kill_and_resume(judge_server, bench):
-    prompts, folder = bench
+    prompts, folder, _ = bench
     results = folder / "results.jsonl"
-    judge = ugb.server_judge(judge_server.url, "judge", workers=2, retries=0)
+    judge = ugb.server_judge(judge_server.url, "QwenVL", workers=2)
     calls = []
 
-    def killed_after_two_chunks(requests, temperature=0.0):
+    def killed_after_two_chunks(requests):
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if the run were stopped here
         calls.append(len(requests))
-        return judge(requests, temperature)
+        return judge(requests)
 
     with pytest.raises(KeyboardInterrupt):
         ugb.evaluate(prompts, folder, results, killed_after_two_chunks, n=2, chunk=2)
-    first = list(judge_server.seen)
+    first = [sent(body)[1].getpixel((0, 0)) for body in judge_server.seen]
     assert len(first) == 4 and len(results.read_text().splitlines()) == 4
     with open(results, "a") as f:
         f.write('{"index": 2, "ima')  # a hard kill in the middle of a line
@@ -323,15 +420,15 @@ def test_server_judge_end_to_end_with_kill_and_resume(judge_server, bench):
     with pytest.warns(UserWarning, match="unreadable line"):
         counts = ugb.evaluate(prompts, folder, results, judge, n=2, chunk=2)
     assert counts == {"judged": 2, "failed": 0}
-    second = judge_server.seen
-    assert len(second) == 2 and not {img for _, img, _ in first} & {img for _, img, _ in second}
+    second = [sent(body)[1].getpixel((0, 0)) for body in judge_server.seen]
+    assert len(second) == 2 and not set(first) & set(second)
     with pytest.warns(UserWarning):
         done = ugb.read_results(results)
     assert sorted(done) == [(p.index, j) for p in prompts for j in range(2)]
-    for (index, _), r in done.items():
+    for r in done.values():
         n = len(r["checkpoints"])
         assert r["scores"] == [k % 2 for k in range(1, n + 1)] and r["error"] is None and r["attempts"] == 1
-    assert all(temperature == 0.0 for _, _, temperature in first + second)
+        assert len(r["analysis"]) == n and r["expected"] == 6
     summary = ugb.summarize(list(done.values()))
     total = sum(len(p.checkpoints) for p in prompts) * 2
     assert summary["judged"] == 6 and sum(v["checkpoints"] for v in summary["primary"].values()) == total
@@ -341,71 +438,135 @@ def test_server_judge_end_to_end_with_kill_and_resume(judge_server, bench):
     assert judge_server.seen == []  # complete: nothing is asked twice
 
 
-def test_server_errors_and_malformed_replies_are_recorded_as_failed(judge_server, bench):
-    prompts, folder = bench
-    bad_count, down = prompts[0].prompt, prompts[1].prompt
+def test_failures_are_recorded_with_reason_and_attempts_then_retried(judge_server, bench, capsys):
+    prompts, folder, _ = bench
+    bad_count, down, rejected = (p.prompt for p in prompts)
+    ugb.image_path(folder, prompts[2].index, 1).write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # a corrupt image
 
     def behaviour(text):
         if bad_count in text:
-            return "<analysis>hm</analysis><score>[1]</score>"  # always the wrong number of scores
-        return 500 if down in text else alternating_scores(text)
+            return official_reply([1])  # always the wrong number of scores
+        return 500 if down in text else 400 if rejected in text else alternating_scores(text)
     judge_server.behaviour = behaviour
-    judge = ugb.server_judge(judge_server.url, "judge", workers=4, retries=1)
+    judge = ugb.server_judge(judge_server.url, workers=4)
     results = folder / "out" / "results.jsonl"
-    counts = ugb.evaluate(prompts, folder, results, judge, n=2, parse_retries=2)
-    assert counts == {"judged": 2, "failed": 4}
+    assert ugb.evaluate(prompts, folder, results, judge, n=2, attempts=3) == {"judged": 0, "failed": 6}
     done = ugb.read_results(results)
     for j in range(2):
-        wrong, error, good = done[(prompts[0].index, j)], done[(prompts[1].index, j)], done[(prompts[2].index, j)]
-        assert wrong["scores"] is None and "expected" in wrong["error"] and wrong["attempts"] == 3
-        assert error["scores"] is None and "no reply" in error["error"] and error["attempts"] == 1
-        assert good["scores"] is not None
-    asked = Counter(text for text, _, _ in judge_server.seen)
-    assert [asked[ugb.judge_instruction(p)] for p in prompts] == [6, 4, 2]  # 3 tries x 2; (1 + 1 retry) x 2; 1 x 2
-    assert {t for text, _, t in judge_server.seen if bad_count in text} == {0.0, 0.7}  # retries sample
-    s = ugb.summarize(list(done.values()))
-    assert (s["images"], s["failed"]) == (6, 4)
-    # The server recovers: --retry-failed asks again for exactly the 4 failed images.
-    judge_server.behaviour, judge_server.seen = alternating_scores, []
-    assert ugb.evaluate(prompts, folder, results, judge, n=2, retry_failed=True) == {"judged": 4, "failed": 0}
-    assert len(judge_server.seen) == 4 and ugb.summarize(list(ugb.read_results(results).values()))["failed"] == 0
+        wrong, error = done[(prompts[0].index, j)], done[(prompts[1].index, j)]
+        assert wrong["scores"] is None and "unparsable reply: expected" in wrong["error"] and wrong["attempts"] == 3
+        assert wrong["reply"] == official_reply([1])
+        assert error["scores"] is None and error["error"] == "HTTP 500" and error["attempts"] == 3
+    rejected_0, corrupt = done[(prompts[2].index, 0)], done[(prompts[2].index, 1)]
+    assert (rejected_0["error"], rejected_0["attempts"]) == ("HTTP 400", 1)  # a rejected request is not asked again
+    assert corrupt["error"].startswith(f"unreadable image {prompts[2].index}_1.png") and corrupt["attempts"] == 0
+    asked = Counter(sent(body)[0] for body in judge_server.seen)
+    assert [asked[ugb.judge_prompt(p)] for p in prompts] == [6, 6, 1]
+    # The server recovers; a rerun says how many failed and how to judge them again, --retry-failed does.
+    judge_server.behaviour = alternating_scores
+    Image.new("RGB", (16, 16)).save(ugb.image_path(folder, prompts[2].index, 1))
+    capsys.readouterr()
+    assert ugb.evaluate(prompts, folder, results, judge, n=2) == {"judged": 0, "failed": 0}
+    assert "6 images failed in an earlier run; --retry-failed judges them again" in capsys.readouterr().out
+    assert ugb.evaluate(prompts, folder, results, judge, n=2, retry_failed=True) == {"judged": 6, "failed": 0}
+    assert ugb.summarize(list(ugb.read_results(results).values()))["failed"] == 0
 
 
-def test_dead_server_and_missing_images_give_one_line_errors(bench, tmp_path):
-    prompts, folder = bench
-    import socket
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    prompt_file = tmp_path / "three.jsonl"
-    prompt_file.write_text("".join(line + "\n" for line in ugb.DEFAULT_PROMPTS.read_text().splitlines()[:3]))
-    args = ["evaluate", "--images", str(folder), "--prompts", str(prompt_file), "--n", "2", "--judge-model", "judge",
-            "--judge-url", f"http://127.0.0.1:{port}/v1"]
-    with pytest.raises(SystemExit, match="judge server .* is not reachable") as e:
-        ugb.main(args)
-    assert "\n" not in str(e.value)
-    ugb.image_path(folder, prompts[1].index, 1).unlink()
-    ugb.image_path(folder, prompts[2].index, 0).unlink()
-    with pytest.raises(SystemExit) as e:  # checked before any judge is contacted
-        ugb.main(args)
-    assert str(e.value).startswith(f"2 of 6 images missing in {folder} (first: 1_1.png, 2_0.png)")
-    assert "\n" not in str(e.value)
-    assert not (folder / "results.jsonl").exists()
+def test_a_broken_server_stops_the_run_after_16_failures(judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images", count=10)
+    judge_server.behaviour = lambda text: 500
+    rc, out, err = cli("evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--attempts", 1,
+                       "--judge-url", judge_server.url)
+    assert_one_line_error(rc, err, "the first 16 judgments all failed (last: HTTP 500)", judge_server.url)
+    assert len(judge_server.seen) == 20 and not (folder / "results.jsonl").read_text()  # one chunk asked, none kept
+    judge_server.seen.clear()  # a few failures, then a working judge: the run goes on and keeps them all
+    judge_server.behaviour = lambda text: alternating_scores(text) if len(judge_server.seen) > 6 else 500
+    counts = ugb.evaluate(prompts, folder, folder / "results.jsonl", ugb.server_judge(judge_server.url, workers=1),
+                          n=2, chunk=4, attempts=1)
+    assert counts == {"judged": 14, "failed": 6} and len(ugb.read_results(folder / "results.jsonl")) == 20
+
+
+def write_generate_json(folder, prompts, name):
+    (folder / "generate.json").write_text(json.dumps({"prompts": ugb.prompts_fingerprint(prompts), "prompt_set": name}))
+
+
+@pytest.mark.parametrize("case", ["judge model not served", "url without /v1", "server down", "missing images",
+                                  "jpg folder", "other prompt set", "no such prompts", "no such folder",
+                                  "bad flag value"])
+def test_cli_errors_are_one_line_naming_the_culprit(case, judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    args = {"--images": folder, "--prompts": prompt_file, "--n": 2, "--judge-url": judge_server.url}
+    culprits = []
+    if case == "judge model not served":
+        judge_server.served = ["judge-a", "judge-b"]
+        args["--judge-model"] = "QwenVL"
+        culprits = ["--judge-model 'QwenVL' is not served", "it serves: judge-a, judge-b"]
+    elif case == "url without /v1":
+        args["--judge-url"] = judge_server.root
+        culprits = [judge_server.root, "HTTP 404", "missing /v1"]
+    elif case == "server down":
+        judge_server.shutdown()
+        judge_server.server_close()
+        culprits = ["--judge-url", "not reachable"]
+    elif case == "missing images":
+        ugb.image_path(folder, prompts[1].index, 1).unlink()
+        ugb.image_path(folder, prompts[2].index, 0).unlink()
+        culprits = [f"2 of 6 images missing in {folder} (first: 1_1.png, 2_0.png)"]
+    elif case == "jpg folder":
+        folder = make_bench(tmp_path / "jpgs", suffix="jpg")[1]
+        args["--images"] = folder
+        culprits = ["found 0_0.jpg: pass --image-suffix jpg"]
+    elif case == "other prompt set":
+        write_generate_json(folder, ugb.load_prompts()[:5], "test_prompts_en.csv")
+        culprits = ["generated from the prompt set test_prompts_en.csv", prompt_file.name, "--prompts"]
+    elif case == "no such prompts":
+        args["--prompts"] = tmp_path / "nope.jsonl"
+        culprits = ["--prompts", "nope.jsonl"]
+    elif case == "no such folder":
+        args["--images"] = tmp_path / "nowhere"
+        culprits = ["--images", "nowhere"]
+    elif case == "bad flag value":
+        args["--n"] = "two"
+        culprits = ["--n", "two"]
+    rc, out, err = cli("evaluate", *[x for kv in args.items() for x in kv])
+    assert_one_line_error(rc, err, *culprits)
+    assert len(err.strip().splitlines()) == 1 and not (folder / "results.jsonl").exists()
+    assert judge_server.seen == []
+    if case == "jpg folder":  # and with the flag, the folder is judged
+        rc, out, err = cli("evaluate", *[x for kv in args.items() for x in kv], "--image-suffix", "jpg")
+        assert rc == 0 and len(ugb.read_results(folder / "results.jsonl")) == 6, err
+
+
+def test_the_api_key_is_sent_but_never_printed(judge_server, bench, monkeypatch):
+    prompts, folder, _ = bench
+    monkeypatch.setenv("UGB_TEST_KEY", "sk-secret-123")
+    judge_server.behaviour = lambda text: 503
+    judge = ugb.server_judge(judge_server.url, key_env="UGB_TEST_KEY")
+    ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2, attempts=2)
+    assert "sk-secret-123" not in (folder / "r.jsonl").read_text()
+    assert ugb.scrub("echo sk-secret-123", "UGB_TEST_KEY") == "echo ***"
 
 
 # ------------------------------------------------------------------------------------ end to end: tiny models
-def test_tiny_local_vlm_end_to_end_bookkeeping(bench):
-    prompts, folder = bench
-    judge = ugb.local_judge("tiny", max_tokens=6)
-    results = folder / "tiny.jsonl"
-    counts = ugb.evaluate(prompts[:1], folder, results, judge, n=2, parse_retries=1)
-    assert counts["judged"] + counts["failed"] == 2
-    done = ugb.read_results(results)
-    assert sorted(done) == [(prompts[0].index, 0), (prompts[0].index, 1)]
-    for r in done.values():  # a random model writes noise: recorded as failed, with its reply kept for inspection
-        assert isinstance(r["reply"], str)
-        assert (r["scores"] is None) == (r["error"] is not None)
-    assert ugb.summarize(list(done.values()))["failed"] == counts["failed"]
+def test_generate_uses_the_official_settings(tmp_path, monkeypatch):
+    import pref_grpo
+
+    calls = []
+    monkeypatch.setattr(pref_grpo, "load_pipeline", lambda model: calls.append(model) or object())
+    monkeypatch.setattr(pref_grpo, "generate_images", lambda pipe, prompts, seeds, **kw: calls.append((seeds, kw))
+                        or [Image.new("RGB", (8, 8))] * len(prompts))
+    prompts = ugb.load_prompts()[:3]
+    assert ugb.generate(prompts, tmp_path / "dev", "black-forest-labs/FLUX.1-dev", batch_size=8) == 12
+    settings = json.loads((tmp_path / "dev" / "generate.json").read_text())
+    assert {k: settings[k] for k in ("resolution", "steps", "guidance", "seed", "max_sequence_length", "n")} == dict(
+        resolution=1024, steps=30, guidance=3.5, seed=3407, max_sequence_length=512, n=4)
+    assert settings["prompt_set"] == "prompts.jsonl" or settings["prompt_set"] == "?"
+    (seeds_1, kw), (seeds_2, _) = calls[1], calls[2]
+    assert seeds_1 + seeds_2 == [3407, 3408, 3409, 3410] * 3  # seed 3407 + j, the same for every prompt
+    assert kw == dict(steps=30, resolution=1024, guidance=3.5, shift=None, max_sequence_length=512, batch_size=8)
+    calls.clear()
+    ugb.generate(prompts[:1], tmp_path / "tiny", "tiny", n=1)
+    assert calls[1][1]["steps"] == 4 and calls[1][1]["resolution"] == 32
 
 
 def test_generate_with_tiny_model_is_resumable_and_deterministic(tmp_path):
@@ -438,9 +599,61 @@ def test_generate_cli_applies_a_lora_checkpoint(tmp_path):
     FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
     prompt_file = tmp_path / "one.jsonl"
     prompt_file.write_text(ugb.DEFAULT_PROMPTS.read_text().splitlines()[0] + "\n")
-    common = ["generate", "--model", "tiny", "--prompts", str(prompt_file), "--n", "1", "--steps", "2",
-              "--resolution", "32"]
+    common = ["generate", "--model", "tiny", "--prompts", str(prompt_file), "--n", "1", "--steps", "2"]
     ugb.main(common + ["--out", str(tmp_path / "base")])
     ugb.main(common + ["--out", str(tmp_path / "trained"), "--lora", str(tmp_path / "lora")])
     base, trained = (np.asarray(Image.open(tmp_path / run / "0_0.png")) for run in ("base", "trained"))
     assert base.shape == trained.shape == (32, 32, 3) and not np.array_equal(base, trained)
+
+
+def test_hub_ids_load_offline_from_the_cache_as_a_user_runs_them(hub_cache, tmp_path):
+    env = offline_env(hub_cache)
+    prompt_file = tmp_path / "one.jsonl"
+    prompt_file.write_text(ugb.DEFAULT_PROMPTS.read_text().splitlines()[0] + "\n")
+    out = tmp_path / "flux"
+    rc, _, err = cli("generate", "--model", HUB_IDS["flux"], "--out", out, "--prompts", prompt_file, "--n", 1,
+                     "--resolution", 32, "--steps", 2, env=env)
+    assert rc == 0 and (out / "0_0.png").exists(), err
+    rc, out_text, err = cli("evaluate", "--images", out, "--prompts", prompt_file, "--n", 1, "--judge-local",
+                            HUB_IDS["ugb_judge"], "--max-tokens", 8, env=env)
+    assert rc == 0 and "Traceback" not in err, err
+    (r,) = ugb.read_results(out / "results.jsonl").values()  # one attempt: greedy decoding would only repeat itself
+    assert r["attempts"] == 1 and isinstance(r["reply"], str) and r["file"] == "0_0.png"
+    assert (r["scores"] is None) == (r["error"] is not None)  # a random judge writes noise: recorded as failed
+
+
+def test_runs_as_a_single_file_beside_pref_grpo(judge_server, tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("unigenbench.py", "pref_grpo.py"):
+        shutil.copy(HERE / name, alone / name)
+    prompt_file = tmp_path / "two.jsonl"
+    prompt_file.write_text("".join(line + "\n" for line in ugb.DEFAULT_PROMPTS.read_text().splitlines()[:2]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = alone / "unigenbench.py"
+    rc, out, err = cli("generate", "--model", "tiny", "--out", alone / "run", "--prompts", prompt_file, "--n", 2,
+                       cwd=alone, env=env, script=script)
+    assert rc == 0 and len(list((alone / "run").glob("*.png"))) == 4, err
+    assert "32 px, 4 steps, guidance 3.5, seeds 3407..3408" in out
+    rc, out, err = cli("evaluate", "--images", alone / "run", "--prompts", prompt_file, "--n", 2, "--judge-url",
+                       judge_server.url, cwd=alone, env=env, script=script)
+    assert rc == 0 and len(judge_server.seen) == 4, err
+    rc, out, err = cli("report", alone / "run" / "results.jsonl", cwd=alone, env=env, script=script)
+    assert rc == 0 and "| Coverage (judged / expected images) | 4/4 (100.0%) |" in out, err
+    assert (alone / "run" / "report.md").exists() and "import mllm" not in script.read_text()
+
+
+def test_help_shows_examples_and_every_flag_has_a_help_with_its_default():
+    rc, out, _ = cli("--help")
+    assert rc == 0 and "python unigenbench.py generate --model black-forest-labs/FLUX.1-dev" in out
+    assert "--served-model-name QwenVL" in out and "--judge-local CodeGoat24/UniGenBench-EvalModel" in out
+    for command in ("generate", "evaluate", "report"):
+        rc, out, _ = cli(command, "--help")
+        flags = re.findall(r"^  (--[a-z-]+)", out, re.MULTILINE)
+        assert rc == 0 and len(flags) >= 2
+        blocks = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]
+        for block in blocks:
+            if not block.startswith("-h"):
+                assert "default:" in block or "required" in block, block
+    assert "{png,jpg,jpeg,webp}" in cli("evaluate", "--help")[1]
+    assert len((HERE / "unigenbench.py").read_text().splitlines()) <= 700

@@ -1,105 +1,163 @@
 """UniGenBench: does a text-to-image model draw what the prompt asks for? (Pref-GRPO, arXiv 2508.20751)
 
-Every benchmark prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity, "ink painting" -> Style).
-A multimodal judge looks at each generated image and scores every checkpoint 0 or 1. Accuracy is pooled per
-sub-criterion (27), primary dimension (10) and theme (5); the overall score is the mean of the 10 primaries.
+Each prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity); a multimodal judge scores each 0 or 1 per
+image, with the official UniGenBench judge prompt and parsing. Accuracy is pooled per sub-criterion (27), primary
+dimension (10) and theme (5); overall = the mean of the 10 primaries. Each step resumes where a crash stopped it:
 
-Three steps, each resumable (run the same command again after a crash and it continues where it stopped):
-
-  python unigenbench.py generate --model black-forest-labs/FLUX.1-dev --out runs/ugb/base [--lora CHECKPOINT_DIR]
-  python unigenbench.py evaluate --images runs/ugb/base --judge-url http://localhost:8000/v1 --judge-model ugb-judge
+  python unigenbench.py generate --model black-forest-labs/FLUX.1-dev --prompts test_prompts_en.csv --out runs/ugb/base
+  vllm serve CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1 --served-model-name QwenVL --port 8000   # the judge
+  python unigenbench.py evaluate --images runs/ugb/base --prompts test_prompts_en.csv --judge-url http://HOST:8000/v1
   python unigenbench.py report runs/ugb/base/results.jsonl [runs/ugb/trained/results.jsonl ...]
 
---prompts picks the prompt set for generate and evaluate: our prompts.jsonl (default) or an official UniGenBench
-CSV (test_prompts_en.csv, _en_long, _zh, _zh_long). evaluate --judge-local NAME runs a Qwen2.5-VL judge in-process.
+  python unigenbench.py generate --model tiny --out runs/ugb/tiny        # a smoke test: tiny random FLUX, a minute
+  python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1
+
+Prompts: our prompts.jsonl (default) or an official CSV. Needs pref_grpo.py beside it for generate and --judge-local.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import base64
 import csv
 import hashlib
+import http.client
+import io
 import json
 import os
 import re
+import sys
+import time
+import urllib.error
+import urllib.request
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import defaultdict, namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 from tqdm import tqdm
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
 
-# ======================================================================================================================
-# Taxonomy: 27 sub-criteria in 10 primary dimensions; 5 themes with 20 sub-themes
-# ======================================================================================================================
-class Criterion(NamedTuple):
-    primary: str      # the primary dimension it is pooled into
-    zh: str           # its name in the Chinese prompt files
-    definition: str   # one line, shown to the judge next to each checkpoint
+# ======== The official judge input, verbatim (byte for byte, leading spaces included) from CodeGoat24/UniGenBench
+# eval/src/eval_common.py at commit 49d0bce: SYSTEM_PROMPT_EN_TEMPLATE / SYSTEM_PROMPT_ZH_TEMPLATE and
+# EXPLANATION_DICT_EN / EXPLANATION_DICT_ZH. UniGenBench, Copyright (C) 2025 Tencent, licensed under CC BY 4.0
+# (https://creativecommons.org/licenses/by/4.0/). The UniGenBench eval models were trained on this input.
+TEMPLATE_EN = """You are a precise and objective English-language image description system. I will provide you with a prompt for image generation, as well as the corresponding generated image. You will be given a set of evaluation criteria (checkpoints) and their explanations that define the relevance between the prompt and the image. You must evaluate whether the generated image fulfills the requirements implied by each checkpoint in the prompt.
+
+            For each image, follow the steps below in order:
+
+            1. The prompt for the generated image is: 「{prompt}」. You are to analyze the image content in detail from the angles specified in {testpoint}. Detailed definitions of these checkpoints are provided here: {explanation}. The specific description of each checkpoint in the context of the prompt is: {test_explanation}. You must analyze whether the image meets the requirements for each checkpoint individually.
+
+            2. Based on the above analysis, determine whether the generated image satisfies each checkpoint in terms of its visual alignment with the prompt. If the image meets the requirements of a checkpoint, assign a score of 1 to that checkpoint; otherwise, assign a score of 0.
+
+            Constraints:
+            - Only describe content that is directly visible; do not interpret, speculate, or infer any background story.
+            - Focus solely on visually verifiable details.
+            - Omit any uncertain or ambiguous elements.
+            - Even if mentioned in the input, do not describe abstract entities, emotions, or speculative ideas.
+
+            Please strictly follow the output format below:
+
+            <description>
+                <prompt>{prompt}</prompt>
+                <checkpoint>{testpoint}</checkpoint>
+                <analysis>A list using square brackets `[]`, where each element is a string of detailed analysis corresponding to one checkpoint, as required in Step 1. **Ensure the list length matches the number of checkpoints**. Each element should be a string representing the analysis for that specific checkpoint.</analysis>
+                <score>A list using square brackets `[]`, where each element is a binary score (0 or 1) corresponding to a checkpoint, as required in Step 2. **Ensure the list length matches the number of checkpoints**. Each element should be either 0 or 1, indicating whether the checkpoint was satisfied.</score>
+            </description>
+            """
+TEMPLATE_ZH = """你是一个精确且客观的中文图像描述系统。我会给你一段生成图像的提示词，以及对应的生成图像，同时对于生成图像与提示词之间相关性的考点及对应说明，你需要逐个考点来判断生成的图像是否遵从了提示词中所包含的对应考点要求。
+
+        针对每张图像，你需要按照顺序完成如下的任务：
+        1. 这张生成图像对应的提示词为「{prompt}」，你需要根据{testpoint}中的这些角度逐个对图像内容进行更进一步的详细分析，考点的详细说明如下：{explanation}，各个考点在这条prompt中对应的描述说明如下：{test_explanation}, 你需要根据考点逐一判断生成图像是否满足了考点对应的要求
+        2. 综合上述回答，你需要逐个考点判断生成的图像在考点关注维度上是否符合输入的prompt，如果满足要求则该考点得分为1，否则为0
+
+        约束条件：
+        - 仅描述直接可见的内容；不要进行解读、推测或暗示背景故事。
+        - 专注于能够确定性陈述的视觉细节。
+        - 省略不确定或不清晰的细节。
+        - 即使输入中存在，也不要描述抽象实体、情感或推测。
+
+        请严格遵循以下输出格式：
+
+        <description>
+            <prompt>{prompt}</prompt>
+            <checkpoint>{testpoint}</checkpoint>
+            <analysis>按照步骤1对于给定考点进行逐项详细分析，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为一个字符串，表示对于对应考点的分析</analysis>
+            <score>按照步骤2逐个对考点进行打分，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为0或者1，表示对应考点是否完成</score>
+        </description>
+        """
+EXPLANATIONS_EN = {
+    "Relationship - Comparison": "Comparison of attributes between two entities",
+    "Relationship - Composition": "An entity is composed of one or more other entities",
+    "Relationship - Inclusion": "A container contains an entity; the container can also be a plane, e.g., a snake in a painting on a wall",
+    "Relationship - Similarity": "Existence of similarities between different entities",
+    "Compound - Imagination": "Things that are impossible in real life",
+    "Compound - Feature Matching": "Different entities possess different types of attribute features",
+    "Attribute - Size": "Assessment of the subject's size, height, length, thickness, width, or tallness/shortness",
+    "Attribute - Expression": "Distinguishing expressions from facial actions; expressions must convey a clear emotion",
+    "Attribute - Quantity": "Focuses on the challenge of depicting three or more items accurately",
+    "Attribute - Material": "Evaluation of different material types and textures",
+    "Attribute - Color": "Assessment of different colors", "Attribute - Shape": "Assessment of different shapes",
+    "Entity Layout - Two-Dimensional Space": "Arrangement and positioning of entities in two-dimensional space",
+    "Entity Layout - Three-Dimensional Space": "Arrangement and positioning of entities in three-dimensional space",
+    "Action - Full-body (Character/Anthropomorphic)": "Full-body actions by characters or anthropomorphized entities, such as running, diving, breakdancing, swinging, or hanging upside down",
+    "Action - Hand (Character/Anthropomorphic)": "Focuses on hand structure—checking if fingers are missing, broken, or distorted",
+    "Action - Animal": "Actions performed by animals",
+    "Action - Contact Interaction": "Physical interactions between entities",
+    "Action - Non-contact Interaction": "For example, two people making eye contact—testing if the model can accurately depict such interactions",
+    "Action - State": "A sustained state of an entity, typically expressed with a verb",
+    "Grammar - Negation": "Tests the model's understanding of negation grammar",
+    "Grammar - Pronoun Reference": "Tests if the model can resolve ambiguous pronoun references correctly",
+    "Grammar - Consistency": "Evaluation of shared attributes among entities",
+    "World Knowledge": "Covers knowledge of celebrities, architecture, basic domain knowledge, and internet slang. Celebrities with modern copyright risk should be avoided",
+    "Style": "Art, painting, photography, design styles, and corresponding artist names",
+    "Text Generation": "The text content model needed to accurately generate without any omissions or extra words",
+    "Logical Reasoning": "Requires the model to deeply understand the intent and perform reasoning"}
+EXPLANATIONS_ZH = {
+    "关系-比较关系": "两者的属性对比", "关系-构成关系": "一个实体由另一种或几种实体构成",
+    "关系-包含关系": "容器对实体的包含关系，容器也可以是平面的，比如：墙上的画里有一只蛇",
+    "关系-相似关系": "不同实体中存在的相似关系", "复合考点-想象力": "现实生活中不可能发生的事情",
+    "复合考点-不同实体特征匹配": "不同实体拥有不同类的属性特征", "实体布局-三维空间": "对于三维空间实体的摆放布局",
+    "实体布局-二维空间": "对于二维空间实体的摆放布局", "属性-大小": "对主体 大小/高低/长短/粗细/宽窄/高矮",
+    "属性-表情": "区分表情和脸部动作，脸部动作组成表情，但表情是一定要体现出某种情绪的。",
+    "属性-数量": "重点考察三个或三个以上的数字难点", "属性-材质": "考察不同材质", "属性-颜色": "考察不同颜色",
+    "属性-形状": "考察不同形状",
+    "动作-人物/拟人全身动作": "人物或拟人全身性的动作，比如奔跑、跳水、跳街舞、荡秋千、倒挂金钩等",
+    "动作-人物/拟人手部动作": "针对手部结构的考点，考核手指是否有缺失、崩坏等问题", "动作-动物动作": "动物的动作",
+    "动作-实体间有接触互动": "各种实体间的有接触互动",
+    "动作-实体间无接触互动": "比如两个人对视，考核模型能否把对视关系画对",
+    "动作-状态": "实体持续的状态，一般是一个动词。", "语法-否定": "考察模型对于否定语法的掌握程度",
+    "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
+    "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人",
+    "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
+    "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字"}
+# The headers of the checkpoint definitions and descriptions blocks ("Defination" sic).
+HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}
 
 
-SUB_CRITERIA: dict[str, Criterion] = {
-    "Style": Criterion(
-        "Style", "风格", "the image uses the named medium, art or design style, or photographic look"),
-    "World Knowledge": Criterion(
-        "World Knowledge", "世界知识", "real landmarks, famous people or works, and cultural facts are depicted correctly"),
-    "Attribute - Color": Criterion(
-        "Attribute", "属性-颜色", "each object has the colour the prompt gives it"),
-    "Attribute - Expression": Criterion(
-        "Attribute", "属性-表情", "faces show the emotion asked for, not just some movement of the face"),
-    "Attribute - Material": Criterion(
-        "Attribute", "属性-材质", "objects look made of the stated material, with its texture"),
-    "Attribute - Quantity": Criterion(
-        "Attribute", "属性-数量", "the number of each counted object is exactly right"),
-    "Attribute - Shape": Criterion(
-        "Attribute", "属性-形状", "objects have the outline or form the prompt states"),
-    "Attribute - Size": Criterion(
-        "Attribute", "属性-大小", "sizes, heights, lengths or widths are as described"),
-    "Action - Animal": Criterion(
-        "Action", "动作-动物动作", "animals perform the stated action or hold the stated pose"),
-    "Action - Contact Interaction": Criterion(
-        "Action", "动作-实体间有接触互动", "entities that should touch (hold, push, hug) really do, the right way round"),
-    "Action - Full-body (Character/Anthropomorphic)": Criterion(
-        "Action", "动作-人物/拟人全身动作", "a person or humanlike figure makes the stated whole-body movement or pose"),
-    "Action - Hand (Character/Anthropomorphic)": Criterion(
-        "Action", "动作-人物/拟人手部动作", "the hand action is right and hands are whole, with no missing or fused fingers"),
-    "Action - Non-contact Interaction": Criterion(
-        "Action", "动作-实体间无接触互动", "entities relate without touching (look at, point at, chase) as stated"),
-    "Action - State": Criterion(
-        "Action", "动作-状态", "an entity is in the ongoing condition its verb names, such as asleep or floating"),
-    "Relationship - Comparison": Criterion(
-        "Relationship", "关系-比较关系", "a stated comparison between entities (bigger, taller, ahead of) holds"),
-    "Relationship - Composition": Criterion(
-        "Relationship", "关系-构成关系", "an object is built out of the stated parts or substance"),
-    "Relationship - Inclusion": Criterion(
-        "Relationship", "关系-包含关系", "something is inside the stated container, which may be flat, like a picture"),
-    "Relationship - Similarity": Criterion(
-        "Relationship", "关系-相似关系", "one thing resembles or is shaped like another as stated"),
-    "Compound - Feature Matching": Criterion(
-        "Compound", "复合考点-不同实体特征匹配", "each of several entities has its own attributes, none swapped or blended"),
-    "Compound - Imagination": Criterion(
-        "Compound", "复合考点-想象力", "an impossible or fantastical idea is shown as described"),
-    "Grammar - Consistency": Criterion(
-        "Grammar", "语法-统一性", "an attribute said to be shared (all, both, matching) is on every entity sharing it"),
-    "Grammar - Negation": Criterion(
-        "Grammar", "语法-否定", "whatever the prompt excludes (no, without, not) is absent"),
-    "Grammar - Pronoun Reference": Criterion(
-        "Grammar", "语法-代词指代", "pronouns (it, her, them) go with the entity they refer to"),
-    "Entity Layout - Three-Dimensional Space": Criterion(
-        "Layout", "实体布局-三维空间", "depth arrangement is right: in front of, behind, on top of, beneath"),
-    "Entity Layout - Two-Dimensional Space": Criterion(
-        "Layout", "实体布局-二维空间", "positions in the picture plane are right: left/right, top/bottom, rows, grids"),
-    "Logical Reasoning": Criterion(
-        "Logical Reasoning", "逻辑推理", "what the prompt implies without saying (cause, physics, time) is drawn right"),
-    "Text Generation": Criterion(
-        "Text", "文本生成", "the quoted text is legible and spelled exactly, with nothing missing or added"),
-}
+# ======== Taxonomy: 27 sub-criteria in 10 primary dimensions (leaderboard order); 5 themes with 20 sub-themes
+Criterion = namedtuple("Criterion", "primary zh")  # its primary dimension, its name in the zh files and zh prompt
+ZH_NAMES = {  # the 27 sub-criteria in leaderboard order, with their Chinese names
+    "Style": "风格", "World Knowledge": "世界知识", "Attribute - Color": "属性-颜色", "Attribute - Expression": "属性-表情",
+    "Attribute - Material": "属性-材质", "Attribute - Quantity": "属性-数量", "Attribute - Shape": "属性-形状",
+    "Attribute - Size": "属性-大小", "Action - Animal": "动作-动物动作", "Action - Contact Interaction": "动作-实体间有接触互动",
+    "Action - Full-body (Character/Anthropomorphic)": "动作-人物/拟人全身动作",
+    "Action - Hand (Character/Anthropomorphic)": "动作-人物/拟人手部动作",
+    "Action - Non-contact Interaction": "动作-实体间无接触互动", "Action - State": "动作-状态",
+    "Relationship - Comparison": "关系-比较关系", "Relationship - Composition": "关系-构成关系",
+    "Relationship - Inclusion": "关系-包含关系", "Relationship - Similarity": "关系-相似关系",
+    "Compound - Feature Matching": "复合考点-不同实体特征匹配", "Compound - Imagination": "复合考点-想象力",
+    "Grammar - Consistency": "语法-统一性", "Grammar - Negation": "语法-否定", "Grammar - Pronoun Reference": "语法-代词指代",
+    "Entity Layout - Three-Dimensional Space": "实体布局-三维空间", "Entity Layout - Two-Dimensional Space": "实体布局-二维空间",
+    "Logical Reasoning": "逻辑推理", "Text Generation": "文本生成"}
+SHORT = {"Entity Layout": "Layout", "Text Generation": "Text"}  # the leaderboard's column names
+SUB_CRITERIA = {name: Criterion(SHORT.get(p := name.split(" - ")[0], p), zh) for name, zh in ZH_NAMES.items()}
 PRIMARIES = list(dict.fromkeys(c.primary for c in SUB_CRITERIA.values()))  # the 10, in leaderboard order
 
-THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计", "Film & Story": "影视故事"}
+THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计",
+             "Film & Story": "影视故事"}
 SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
     "Art": {"Graphic Art": "平面艺术", "Photography Art": "摄影艺术", "Sculptural (Three-dimensional) Art": "立体艺术",
             "Other": "其他"},
@@ -108,35 +166,24 @@ SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
     "Design": {"Advertising/E-commerce Design": "广告/电商设计", "Design Assets": "设计素材", "Fashion Design": "服装设计",
                "Game Design": "游戏设计", "IP Design": "ip设计", "Logo/Icon Design": "logo/icon设计",
                "Poster Design": "海报设计", "Spatial Design": "空间设计", "UI Design": "软件界面设计"},
-    "Film & Story": {"Animation": "动画", "Realism": "写实", "Sci-Fi": "科幻"},
-}
+    "Film & Story": {"Animation": "动画", "Realism": "写实", "Sci-Fi": "科幻"}}
 # Older rows of the official CSVs use other labels; these are the ones a case-insensitive match does not catch.
-SUBTHEME_ALIASES = {"sculptural art": "Sculptural (Three-dimensional) Art",
-                    "three-dimensional art": "Sculptural (Three-dimensional) Art", "space design": "Spatial Design",
-                    "mapping-content mapping": "Content Illustration",
-                    "creativity divergence-imagination divergence": "Imaginative Thinking"}
-SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene", "拟人": "Anthropomorphic"}
+SUBTHEME_ALIASES = {"sculptural art": "Sculptural (Three-dimensional) Art", "space design": "Spatial Design",
+                    "three-dimensional art": "Sculptural (Three-dimensional) Art", "mapping-content mapping":
+                    "Content Illustration", "creativity divergence-imagination divergence": "Imaginative Thinking"}
+SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene",
+               "拟人": "Anthropomorphic"}
 KEYS_ZH = {"一级垂类": "Primary Categories", "二级垂类": "Secondary Categories", "主体": "Subjects",  # zh JSON keys
            "句式": "Sentence Structure", "考点": "Testpoints", "考点对应描述": "Testpoint Description"}
 
 
-def _key(name: str) -> str:
-    return re.sub(r"\s+", "", name).lower()  # "Attribute - Color", "attribute-color" and "属性-颜色" all match
-
-
-_CRITERION_BY_KEY = {_key(n): n for n in SUB_CRITERIA} | {_key(c.zh): n for n, c in SUB_CRITERIA.items()}
-
-
 def canonical_criterion(name: str, where: str) -> str:
-    """English or Chinese checkpoint name -> one of the 27 English sub-criteria."""
-    if _key(name) not in _CRITERION_BY_KEY:
-        raise SystemExit(f"{where}: unknown checkpoint {name!r} (not one of the 27 UniGenBench sub-criteria)")
-    return _CRITERION_BY_KEY[_key(name)]
-
-
-def normalise_theme(raw: str) -> str:
-    by_label = {t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}
-    return by_label.get(raw.strip().lower(), raw.strip())
+    """English or Chinese checkpoint name -> one of the 27 English sub-criteria (spaces and case do not matter)."""
+    key = lambda text: re.sub(r"\s+", "", text).lower()  # noqa: E731
+    by_key = {key(n): n for n in SUB_CRITERIA} | {key(c.zh): n for n, c in SUB_CRITERIA.items()}
+    if key(name) not in by_key:
+        raise SystemExit(f"error: {where}: unknown checkpoint {name!r} (not one of the 27 UniGenBench sub-criteria)")
+    return by_key[key(name)]
 
 
 def normalise_subtheme(theme: str, raw: str) -> str:
@@ -149,17 +196,14 @@ def normalise_subtheme(theme: str, raw: str) -> str:
     return by_label.get(label.lower(), raw.strip())  # an unknown label is kept: it names rows, it scores nothing
 
 
-# ======================================================================================================================
-# Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
-# ======================================================================================================================
-@dataclass(frozen=True)
-class BenchPrompt:
-    index: int
-    prompt: str
-    theme: str
-    subtheme: str
-    subject: str
-    checkpoints: tuple[tuple[str, str], ...]  # (English sub-criterion, the part of the prompt it tests)
+# ======== Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
+# checkpoints: (English sub-criterion, the part of the prompt it tests) pairs; lang "zh" for the Chinese sets (a
+# prompt_zh column, 考点 keys): they get the zh judge template, explanations and names.
+BenchPrompt = namedtuple("BenchPrompt", "index prompt theme subtheme subject checkpoints lang", defaults=["en"])
+
+
+class PromptSet(list):  # the prompts of one file, and its name (generate records it, so a wrong --prompts is caught)
+    name = ""
 
 
 def parse_sub_dims(text: str, where: str) -> dict:
@@ -172,22 +216,24 @@ def parse_sub_dims(text: str, where: str) -> dict:
     try:
         data = json.loads(re.sub(r'"\s+"', '", "', text))
     except json.JSONDecodeError as e:
-        raise SystemExit(f"{where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
+        raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
     warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON", stacklevel=2)
     return data
 
 
-def to_bench_prompt(index: int, text: str, sub_dims, where: str) -> BenchPrompt:
+def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = False) -> BenchPrompt:
     fields = {KEYS_ZH.get(k, k): v for k, v in sub_dims.items()} if isinstance(sub_dims, dict) else {}
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
     if not (isinstance(text, str) and text.strip() and isinstance(names, list) and isinstance(descriptions, list)
             and names and len(names) == len(descriptions)):
-        raise SystemExit(f"{where}: needs a prompt and non-empty Testpoints / Testpoint Description lists of equal length")
-    theme = normalise_theme(str(fields.get("Primary Categories", "")))
-    subject = str(fields.get("Subjects", "")).strip()
+        raise SystemExit(f"error: {where}: needs a prompt and non-empty Testpoints / Testpoint Description lists of "
+                         "equal length")
+    theme = str(fields.get("Primary Categories", "")).strip()
+    theme = ({t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}).get(theme.lower(), theme)
     return BenchPrompt(index, text, theme, normalise_subtheme(theme, str(fields.get("Secondary Categories", ""))),
-                       SUBJECTS_ZH.get(subject, subject),
-                       tuple((canonical_criterion(str(n), where), str(d)) for n, d in zip(names, descriptions)))
+                       SUBJECTS_ZH.get(subject := str(fields.get("Subjects", "")).strip(), subject),
+                       tuple((canonical_criterion(str(n), where), str(d)) for n, d in zip(names, descriptions)),
+                       "zh" if zh or "考点" in sub_dims else "en")
 
 
 def _read_csv(path: Path):
@@ -197,35 +243,35 @@ def _read_csv(path: Path):
         text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in columns), None)
         dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
         if "index" not in columns or not text_col or not dims_col:
-            raise SystemExit(f"{path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh; got {columns}")
+            raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh; "
+                             f"got {columns}")
         for row in reader:
             if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
-                raise SystemExit(f"{path}:{reader.line_num}: malformed row (index {row['index']!r})")
+                raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
             where = f"{path.name} index {row['index']}"
-            yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where
+            yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where, text_col == "prompt_zh"
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    index = int(row["index"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise SystemExit(f"{path}:{line_no}: not a prompt record ({type(e).__name__}: {e})") from None
-                yield index, row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{line_no} (index {index})"
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+            index = None if row is None else int(row["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"error: {path}:{line_no}: not a prompt record ({type(e).__name__}: {e})") from None
+        if row is not None:
+            yield index, row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{line_no} (index {index})", False
 
 
-def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> list[BenchPrompt]:
+def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"prompts file not found: {path}")
+        raise SystemExit(f"error: --prompts {path}: no such file")
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
-    prompts = [to_bench_prompt(index, text, dims, where) for index, text, dims, where in rows]
-    indices = [p.index for p in prompts]
-    if not prompts or len(set(indices)) != len(indices):
-        raise SystemExit(f"{path}: no prompts, or a repeated index (image files are named by index)")
+    prompts = PromptSet(to_bench_prompt(*row) for row in rows)
+    prompts.name = path.name
+    if not prompts or len({p.index for p in prompts}) != len(prompts):
+        raise SystemExit(f"error: {path}: no prompts, or a repeated index (image files are named by index)")
     return prompts
 
 
@@ -233,260 +279,280 @@ def prompts_fingerprint(prompts: list[BenchPrompt]) -> str:
     return hashlib.sha1("\n".join(f"{p.index}\t{p.prompt}" for p in prompts).encode()).hexdigest()[:12]
 
 
-# ======================================================================================================================
-# generate: N images per prompt, a fixed seed per (prompt, image); images already on disk are kept
-# ======================================================================================================================
-def image_path(folder: str | os.PathLike, index: int, j: int) -> Path:
-    return Path(folder) / f"{index}_{j}.png"
+def judge_prompt(p: BenchPrompt) -> str:
+    """The judge's text exactly as the official eval builds it, in the prompt set's language."""
+    names = [SUB_CRITERIA[name].zh if p.lang == "zh" else name for name, _ in p.checkpoints]
+    explanations, (head, desc_head) = EXPLANATIONS_ZH if p.lang == "zh" else EXPLANATIONS_EN, HEADERS[p.lang]
+    return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(
+        prompt=p.prompt, testpoint=repr(names),
+        explanation=head + ":「" + "".join(f"\n{n}: {explanations[n]}" for n in names) + "\n」",
+        test_explanation=desc_head + ":「" + "".join(f"\n{n}: {d}" for n, (_, d) in zip(names, p.checkpoints)) + "\n」")
 
 
-def image_seed(index: int, j: int, base: int = 0) -> int:
-    return base + 1000 * index + j  # distinct for every (prompt, image) while n <= 1000
+def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str | None]:
+    """(scores, analysis, error) as the official eval parses: the first <analysis>...</analysis> and <score>...</score>,
+    each a Python literal list of n items; a checkpoint passes when its score == 1. Anything else fails (error)."""
+    found = [re.search(rf"<{tag}>(.*?)</{tag}>", reply, re.DOTALL) for tag in ("analysis", "score")]
+    if not all(found):
+        return None, None, "unparsable reply: no <analysis>...</analysis> or no <score>...</score>"
+    try:
+        analysis, scores = (ast.literal_eval(m.group(1).strip()) for m in found)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None, None, "unparsable reply: <analysis> or <score> is not a Python list"
+    if not (isinstance(analysis, list) and isinstance(scores, list) and len(analysis) == len(scores) == n):
+        got = [len(x) if isinstance(x, list) else type(x).__name__ for x in (analysis, scores)]
+        return None, None, f"unparsable reply: expected {n} analyses and {n} scores, got {got[0]} and {got[1]}"
+    return [int(s == 1) for s in scores], analysis, None
 
 
-def _batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+# ======== The judge: an OpenAI-compatible server (vLLM), or a Qwen-VL in this process (through pref_grpo.py)
+# This HTTP client duplicates pref_grpo.py's on purpose: single-file scripts (evaluate and report need neither torch nor
+# pref_grpo.py). Standard library only: urllib, a thread pool, a timeout, retries with backoff (in _judge_chunk).
+RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
-def _check_settings(folder: Path, settings: dict) -> None:
-    """Resuming into a folder made with another model, LoRA or prompt set would silently blend two runs: refuse."""
-    path = folder / "generate.json"
-    if path.exists() and any(folder.glob("*.png")):
-        old = json.loads(path.read_text())
-        changed = [k for k in settings if old.get(k) != settings[k]]
-        if changed:
-            raise SystemExit(f"{folder} holds images made with other settings ({', '.join(changed)}); use another --out")
-    path.write_text(json.dumps(settings, indent=1))
+def scrub(text, key_env: str) -> str:  # what users see and results keep: one line, never the key (servers echo)
+    key = os.environ.get(key_env)
+    return " ".join((str(text).replace(key, "***") if key else str(text)).split())[:300]
+
+
+def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
+                 timeout: float = 300.0, max_tokens: int = 4096):
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096), plus
+    temperature 0 for the official eval's do_sample false. Checks at once that the server is up and serves `model`."""
+    key = os.environ.get(key_env)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/models", headers=headers), timeout=30) as r:
+            served = [m["id"] for m in json.loads(r.read())["data"]]
+    except urllib.error.HTTPError as e:
+        hint = (f" (check ${key_env}, see --api-key-env)" if e.code in (401, 403) else
+                " (is --judge-url missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
+        sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
+    except (OSError, http.client.HTTPException) as e:
+        sys.exit(scrub(f"error: --judge-url: judge server {url} is not reachable: {getattr(e, 'reason', e)}", key_env))
+    except (ValueError, LookupError, TypeError):
+        served = []  # a reachable server with an odd /models reply is still usable
+    if served and model not in served:
+        sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
+
+    def ask(request):  # one POST: (reply, None, _) or (None, why it failed, whether asking again may help)
+        text, image, buf = *request, io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
+            buf.getvalue()).decode()}}, {"type": "text", "text": text}]
+        payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                   "temperature": 0.0}
+        try:
+            req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
+                                         headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
+                reply = json.loads(resp.read())["choices"][0]["message"]["content"]
+            if not isinstance(reply, str):
+                raise TypeError("message content is not text")
+            return reply, None, True
+        except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
+            return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(getattr(e, "reason", e), TimeoutError):
+                return None, f"timeout after {timeout:g} s", True
+            return None, scrub(f"connection failed: {getattr(e, 'reason', e)}", key_env), True
+        except (ValueError, LookupError, TypeError) as e:
+            return None, f"unreadable server reply ({type(e).__name__})", True
+
+    pool = ThreadPoolExecutor(max(1, workers))
+    judge = lambda requests: list(pool.map(ask, requests))  # noqa: E731
+    judge.where = f"--judge-url {url}"
+    return judge
+
+
+def local_judge(vlm, *, max_tokens: int = 4096):
+    """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
+    import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
+
+    model = pref_grpo.load_local_vlm(vlm) if isinstance(vlm, str) else vlm
+
+    def judge(requests):
+        return [(r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests], max_tokens=max_tokens)]
+    judge.where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
+    return judge
+
+
+# ======== generate: n images per prompt with the official FLUX.1-dev settings; images already on disk are kept
+def image_path(folder: str | os.PathLike, index: int, j: int, suffix: str = "png") -> Path:
+    return Path(folder) / f"{index}_{j}.{suffix}"
 
 
 def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, n: int = 4, lora: str | None = None,
-             steps: int = 28, resolution: int = 512, guidance: float = 3.5, batch_size: int = 4, seed: int = 0) -> int:
-    """Write OUT/{index}_{j}.png for every prompt and j < n that is not there yet. Returns how many were made."""
-    if not 1 <= n <= 1000:
-        raise SystemExit(f"--n must be between 1 and 1000, got {n}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lora = str(Path(lora).resolve()) if lora else None  # the same checkpoint, however the path is written
-    _check_settings(out, dict(model=model, lora=lora, steps=steps, resolution=resolution, guidance=guidance, seed=seed,
-                              prompts=prompts_fingerprint(prompts)))
+             steps: int | None = None, resolution: int | None = None, guidance: float = 3.5, batch_size: int = 4,
+             seed: int = 3407, max_sequence_length: int = 512) -> int:
+    """Write OUT/{index}_{j}.png for every prompt and j < n not there yet; image j has seed `seed + j` for every prompt
+    (as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
+    steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
+    (out := Path(out)).mkdir(parents=True, exist_ok=True)
+    settings = dict(model=model, lora=str(Path(lora).resolve()) if lora else None, steps=steps, resolution=resolution,
+                    guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
+                    n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"))
+    old = json.loads((out / "generate.json").read_text()) if (out / "generate.json").exists() else {}
+    changed = [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]
+    if changed and any(out.glob("*.png")):  # resuming would silently blend two runs
+        raise SystemExit(f"error: --out {out} holds images made with other settings ({', '.join(changed)}); "
+                         "use another --out")
+    (out / "generate.json").write_text(json.dumps(settings, indent=1))
     todo = [(p, j) for p in prompts for j in range(n) if not image_path(out, p.index, j).exists()]
-    print(f"generate: {len(prompts) * n - len(todo)} images already in {out}, {len(todo)} to make")
+    print(f"generate: {len(prompts) * n - len(todo)} images already in {out}, {len(todo)} to make "
+          f"({resolution} px, {steps} steps, guidance {guidance:g}, seeds {seed}..{seed + n - 1})")
     if not todo:
         return 0
     import pref_grpo  # late import: torch and diffusers load slowly, and evaluate / report do not need them
 
     pipe = pref_grpo.load_pipeline(model)
     if lora:
-        pipe.load_lora_weights(lora)
-    with tqdm(total=len(todo), desc="generate", unit="img") as bar:
-        for chunk in _batched(todo, batch_size):
-            seeds = [image_seed(p.index, j, seed) for p, j in chunk]
-            images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], seeds, steps=steps,
-                                               resolution=resolution, guidance=guidance)
-            for (p, j), image in zip(chunk, images):
-                final = image_path(out, p.index, j)
-                partial = final.with_name(final.name + ".part")
-                image.save(partial, format="PNG")
-                os.replace(partial, final)  # a kill never leaves a truncated PNG that the next run would skip
-            bar.update(len(chunk))
+        pipe.load_lora_weights(settings["lora"])
+    for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch"):
+        chunk = todo[start:start + batch_size]
+        images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], [seed + j for _, j in chunk],
+                                           steps=steps, resolution=resolution, guidance=guidance, shift=None,
+                                           max_sequence_length=max_sequence_length, batch_size=len(chunk))
+        for (p, j), image in zip(chunk, images):  # via a .part file: a kill never leaves a truncated PNG behind
+            image.save(str(image_path(out, p.index, j)) + ".part", format="PNG")
+            os.replace(str(image_path(out, p.index, j)) + ".part", image_path(out, p.index, j))
     return len(todo)
 
 
-# ======================================================================================================================
-# evaluate: one judge call per image with all its checkpoints; one JSON line per image, appended as it is done
-# ======================================================================================================================
-INSTRUCTION = """You are checking how faithfully a generated image follows the text prompt it was made from.
-
-Prompt: "{prompt}"
-
-Check the image against each numbered checkpoint below. A checkpoint names a criterion, says what the criterion \
-means, and quotes the part of the prompt it is about.
-{checkpoints}
-
-Judge only what you can see. Score a checkpoint 1 if the image clearly satisfies it, and 0 if it does not, \
-satisfies it only in part, or you cannot tell.
-
-Answer in exactly this format, where s1, s2, ... are the scores of checkpoints 1, 2, ..., each 0 or 1:
-<analysis>one short sentence per checkpoint, in order</analysis>
-<score>[{example}]</score>
-The list must hold exactly {n} scores."""
-
-SCORE_RE = re.compile(r"<score>\s*\[([^\[\]]*)\]", re.IGNORECASE)
-ANALYSIS_RE = re.compile(r"<analysis>(.*?)</analysis>", re.IGNORECASE | re.DOTALL)
-
-
-def judge_instruction(p: BenchPrompt) -> str:
-    lines = [f'{i}. {name}: {SUB_CRITERIA[name].definition}. In this prompt: "{description}"'
-             for i, (name, description) in enumerate(p.checkpoints, start=1)]
-    n = len(p.checkpoints)
-    return INSTRUCTION.format(prompt=p.prompt, checkpoints="\n".join(lines), n=n,
-                              example=", ".join(f"s{i}" for i in range(1, n + 1)))
-
-
-def parse_reply(reply: str | None, n: int) -> tuple[list[int] | None, str, str | None]:
-    """(scores, analysis, error). scores is None, and error says why, unless the reply holds exactly n scores of 0/1."""
-    if reply is None:
-        return None, "", "no reply from the judge (the request failed after its retries)"
-    analysis = ANALYSIS_RE.search(reply)
-    analysis = analysis.group(1).strip() if analysis else reply.split("<score>")[0].strip()
-    found = SCORE_RE.findall(reply)
-    if not found:
-        return None, analysis, "no <score>[...] list in the reply"
-    items = [item.strip() for item in found[-1].split(",")]  # if the judge wrote several lists, its last one counts
-    if any(item not in ("0", "1") for item in items):
-        return None, analysis, f"scores must be 0 or 1, got [{found[-1].strip()}]"
-    if len(items) != n:
-        return None, analysis, f"expected {n} scores, got {len(items)}"
-    return [int(item) for item in items], analysis, None
-
-
-def server_judge(url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", workers: int = 8,
-                 timeout: float = 120.0, retries: int = 3, max_tokens: int = 1024):
-    """A judge behind an OpenAI-compatible endpoint (vLLM, a hosted MLLM). Fails fast when the server is not up."""
-    import mllm
-
-    try:
-        mllm.check_server(url, api_key_env=api_key_env)
-    except RuntimeError as e:
-        raise SystemExit(str(e)) from None  # already one line, naming the server
-
-    def judge(requests, temperature=0.0):
-        replies, _ = mllm.server_chat(requests, url, model, max_tokens=max_tokens, temperature=temperature,
-                                      workers=workers, timeout=timeout, retries=retries, api_key_env=api_key_env)
-        return replies
-    return judge
-
-
-def local_judge(name_or_path: str, *, max_tokens: int = 1024, batch_size: int = 8):
-    """A Qwen2.5-VL judge in this process; "tiny" builds a random one offline (its replies are noise: tests only)."""
-    import mllm
-
-    vlm = mllm.tiny_vlm() if name_or_path == "tiny" else mllm.load_local_vlm(name_or_path)
-
-    def judge(requests, temperature=0.0):  # local decoding is greedy, so the temperature of a retry is not used
-        return mllm.local_chat(vlm, requests, max_tokens=max_tokens, batch_size=batch_size)
-    return judge
-
-
+# ======== evaluate: one request per image with all its checkpoints; one JSON line per image, appended as it is done
 def read_results(path: Path) -> dict[tuple[int, int], dict]:
     """Records by (index, image). A later line for the same image replaces an earlier one (see --retry-failed)."""
-    records = {}
-    if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                try:
-                    record = json.loads(line)
-                    records[(int(record["index"]), int(record["image"]))] = record
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    if line.strip():  # a kill can cut the last line short; that image is judged again
-                        warnings.warn(f"{path}:{line_no}: skipping an unreadable line")
+    records, lines = {}, Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            records[(int(record["index"]), int(record["image"]))] = record
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if line.strip():  # a kill can cut the last line short; that image is judged again
+                warnings.warn(f"{path}:{line_no}: skipping an unreadable line")
     return records
 
 
-def require_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int) -> None:
-    missing = [image_path(folder, p.index, j).name for p in prompts for j in range(n)
-               if not image_path(folder, p.index, j).exists()]
+def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, suffix: str = "png") -> None:
+    """Every image there, and made from these prompts (generate.json records the prompt set a folder was made from)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"error: --images {folder}: no such folder")
+    made = json.loads((folder / "generate.json").read_text()) if (folder / "generate.json").exists() else {}
+    if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
+        raise SystemExit(f"error: the images in {folder} were generated from the prompt set {made.get('prompt_set')}, "
+                         f"not from {getattr(prompts, 'name', 'these prompts')}: pass that file as --prompts")
+    missing = [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
+               if not image_path(folder, p.index, j, suffix).exists()]
     if missing:
-        raise SystemExit(f"{len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
-                         f"{', '.join(missing[:5])}); run generate with the same --prompts and --n first")
+        other = [s for s in ("png", "jpg", "jpeg", "webp") if (folder / missing[0]).with_suffix("." + s).exists()]
+        hint = (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else
+                "run generate with the same --prompts and --n first")
+        raise SystemExit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
+                         f"{', '.join(missing[:5])}); {hint}")
 
 
-def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, parse_retries: int) -> list[dict]:
+def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str) -> list[dict]:
+    """Each image asked up to `attempts` times until its reply parses (official: 10). A transport failure waits
+    (backoff) before the next attempt; a rejected request (4xx) is not asked again. Unreadable images fail at once."""
     from PIL import Image
 
-    requests = []
-    for p, j in chunk:
-        with Image.open(image_path(folder, p.index, j)) as im:
-            requests.append((judge_instruction(p), [im.convert("RGB")]))
-    outcome, pending = [None] * len(chunk), list(range(len(chunk)))
-    for attempt in range(1 + parse_retries):
-        # A retry samples at some temperature: at 0 the judge would only repeat its malformed reply.
-        replies = judge([requests[i] for i in pending], temperature=0.0 if attempt == 0 else 0.7)
-        if len(replies) != len(pending):  # zip would silently drop images
-            raise RuntimeError(f"the judge returned {len(replies)} replies for {len(pending)} requests")
-        for i, reply in zip(pending, replies):
-            outcome[i] = (reply, *parse_reply(reply, len(chunk[i][0].checkpoints)), attempt + 1)
-        # Ask again when the reply was malformed; a request that failed was already retried by the client.
-        pending = [i for i in pending if outcome[i][3] and outcome[i][0] is not None]
-        if not pending:
-            break
-    return [dict(index=p.index, image=j, file=image_path(folder, p.index, j).name, prompt=p.prompt, theme=p.theme,
-                 subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error,
-                 analysis=analysis, attempts=attempts, reply=reply)
-            for (p, j), (reply, scores, analysis, error, attempts) in zip(chunk, outcome)]
+    texts, images = [judge_prompt(p) for p, _ in chunk], []
+    for path in (image_path(folder, p.index, j, suffix) for p, j in chunk):
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
+            images.append(" ".join(f"unreadable image {path.name}: {e}".split())[:300])
+    # per image: reply, scores, analysis, error, attempts
+    outcome = [(None, None, None, im if isinstance(im, str) else None, 0) for im in images]
+    pending = [i for i, im in enumerate(images) if not isinstance(im, str)]
+    for attempt in range(1, attempts + 1):
+        answers = judge([(texts[i], images[i]) for i in pending]) if pending else []
+        for i, (reply, error, _) in zip(pending, answers):
+            outcome[i] = (reply, *(parse_reply(reply, len(chunk[i][0].checkpoints)) if error is None else
+                                   (None, None, error)), attempt)
+        retry = [i for i, (_, _, retriable) in zip(pending, answers) if outcome[i][1] is None and retriable]
+        if retry and attempt < attempts and any(a[1] for a in answers):  # a transport failure: give the server time
+            time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
+        pending = retry
+    return [dict(index=p.index, image=j, file=image_path(folder, p.index, j, suffix).name, prompt=p.prompt,
+                 lang=p.lang, theme=p.theme, subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints],
+                 scores=scores, error=error, attempts=tries, analysis=analysis, reply=reply)
+            for (p, j), (reply, scores, analysis, error, tries) in zip(chunk, outcome)]
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
-             chunk: int = 32, parse_retries: int = 2, retry_failed: bool = False) -> dict:
-    """Judge every image that RESULTS does not hold yet, appending one JSON line per image. Returns this run's counts.
-    `judge(requests, temperature) -> replies` takes mllm-style (text, [image]) requests; None means a failed request."""
+             chunk: int = 32, attempts: int = 10, retry_failed: bool = False, suffix: str = "png",
+             stop_after: int = 16) -> dict:
+    """Judge the images RESULTS lacks, one JSON line each; judge([(text, image)]) -> [(reply, error, retriable)]. If the
+    first `stop_after` judgments all fail, the judge is broken: stop, rather than record hours of failures."""
     images, results = Path(images), Path(results)
-    require_images(images, prompts, n)
-    settings = images / "generate.json"
-    if settings.exists() and json.loads(settings.read_text()).get("prompts") != prompts_fingerprint(prompts):
-        raise SystemExit(f"the images in {images} were generated from other prompts; pass the same --prompts")
-    done = read_results(results)
-    by_index = {p.index: p.prompt for p in prompts}
-    clash = [i for (i, _), record in done.items() if i in by_index and record.get("prompt") != by_index[i]]
-    if clash:
-        raise SystemExit(f"{results} holds judgments of other prompts (index {clash[0]}); use another --results")
-    todo = [(p, j) for p in prompts for j in range(n)
-            if (p.index, j) not in done or (retry_failed and done[(p.index, j)].get("scores") is None)]
-    print(f"evaluate: {len(prompts) * n - len(todo)} images already judged, {len(todo)} to go -> {results}")
+    check_images(images, prompts, n, suffix)
+    done, by_index = read_results(results), {p.index: p.prompt for p in prompts}
+    if clash := [i for (i, _), record in done.items() if i in by_index and record.get("prompt") != by_index[i]]:
+        raise SystemExit(f"error: --results {results} holds judgments of other prompts (index {clash[0]}); "
+                         "use another --results")
+    keys = [(p, j) for p in prompts for j in range(n)]
+    failed = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
+    todo = [(p, j) for p, j in keys if (p.index, j) not in done or (retry_failed and (p.index, j) in failed)]
+    print(f"evaluate: {len(keys) - len(todo)} images already judged, {len(todo)} to go -> {results}")
+    if failed:
+        print(f"evaluate: {len(failed)} images failed in an earlier run; "
+              + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
-    if results.exists() and results.stat().st_size:
-        with open(results, "rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")  # end the line a kill cut short, so the next record starts a line of its own
-    counts = {"judged": 0, "failed": 0}
+    cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
+    counts, held, extra = {"judged": 0, "failed": 0}, [], {"prompt_set": prompts_fingerprint(prompts), "expected": len(keys)}
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
-        for part in _batched(todo, chunk):
-            for record in _judge_chunk(part, images, judge, parse_retries):
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()  # on disk image by image: a killed run loses at most the chunk in flight
+        out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
+        for start in range(0, len(todo), chunk):
+            for record in _judge_chunk(todo[start:start + chunk], images, judge, attempts, suffix):
                 counts["failed" if record["scores"] is None else "judged"] += 1
-            bar.update(len(part))
+                held.append(record)  # until one judgment of this run works, records are held back
+                asked = [r for r in held if r["attempts"]]  # an unreadable image says nothing about the judge
+                if not counts["judged"] and len(asked) >= stop_after:
+                    raise SystemExit(f"error: the first {len(asked)} judgments all failed (last: {asked[-1]['error']}); "
+                                     f"is the judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
+                if counts["judged"]:
+                    out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)
+                    out.flush()  # on disk image by image: a killed run loses at most the chunk in flight
+                    held = []
+            bar.update(min(chunk, len(todo) - start))
+        out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)  # fewer than stop_after
     if counts["failed"]:
-        print(f"evaluate: {counts['failed']} judgments failed; they are recorded, left out of the accuracy and "
-              "counted in the report. Rerun with --retry-failed to ask again.")
+        print(f"evaluate: {counts['failed']} failed (each with its reason in {results}); --retry-failed asks again")
     return counts
 
 
-# ======================================================================================================================
-# report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
-# ======================================================================================================================
+# ======== report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
 def load_result_records(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    records = list(read_results(path).values())
-    if not records:
-        raise SystemExit(f"no judge results in {path}")
+    if not (records := list(read_results(Path(path)).values())):
+        raise SystemExit(f"error: no judge results in {path}")
     for r in records:
         names, scores = [c[0] for c in r.get("checkpoints", [])], r.get("scores")
         if any(name not in SUB_CRITERIA for name in names) or "theme" not in r or (
                 scores is not None and (len(scores) != len(names) or any(s not in (0, 1) for s in scores))):
-            raise SystemExit(f"{path}: malformed record for image {r.get('file', r.get('index'))}")
+            raise SystemExit(f"error: {path}: malformed record for image {r.get('file', r.get('index'))}")
     return records
 
 
 def summarize(records: list[dict]) -> dict:
-    """Pooled accuracy of a group = its correct checkpoints / all its checkpoints, over every judged image. So each
-    checkpoint weighs the same: a rare sub-criterion moves its primary less than a mean of sub-criterion means would.
-    Failed judgments are counted and left out."""
-    tallies = {"sub_criteria": defaultdict(lambda: [0, 0]), "primary": defaultdict(lambda: [0, 0]),
-               "themes": defaultdict(lambda: [0, 0])}
-    failed = 0
-    for record in records:
-        if record["scores"] is None:
-            failed += 1
-            continue
+    """Pooled accuracy of a group = its correct checkpoints / all its checkpoints over every judged image, as the
+    official eval pools. Failed judgments are counted and left out; coverage = judged / expected images."""
+    tallies = {table: defaultdict(lambda: [0, 0]) for table in ("sub_criteria", "primary", "themes")}
+    judged = [r for r in records if r["scores"] is not None]
+    for record in judged:
         for (name, _), score in zip(record["checkpoints"], record["scores"]):
             for table, key in ("sub_criteria", name), ("primary", SUB_CRITERIA[name].primary), ("themes", record["theme"]):
                 tallies[table][key][0] += score
                 tallies[table][key][1] += 1
     order = {"sub_criteria": list(SUB_CRITERIA), "primary": PRIMARIES, "themes": list(THEMES_ZH)}
-    summary = {"images": len(records), "judged": len(records) - failed, "failed": failed}
+    expected = max([r.get("expected") or 0 for r in records] + [len(records)])
+    summary = {"images": len(records), "judged": len(judged), "failed": len(records) - len(judged),
+               "expected": expected, "coverage": 100.0 * len(judged) / expected,
+               "prompt_sets": sorted({r.get("prompt_set", "?") for r in records}),
+               "judged_images": sorted([r["index"], r["image"]] for r in judged)}
     for table, counts in tallies.items():
         keys = [k for k in order[table] if k in counts] + sorted(k for k in counts if k not in order[table])
         summary[table] = {k: {"accuracy": 100.0 * counts[k][0] / counts[k][1], "correct": counts[k][0],
@@ -497,110 +563,135 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+def coverage_warnings(summaries: dict[str, dict]) -> list[str]:
+    """Deltas mean something only between complete runs that judged the same images of the same prompt set."""
+    notes = [f"warning: {name} is incomplete: {s['judged']} of {s['expected']} images judged ({s['failed']} failed, "
+             f"{s['expected'] - s['images']} not judged yet)" for name, s in summaries.items() if s["coverage"] < 100]
+    if len({tuple(s["prompt_sets"]) for s in summaries.values()}) > 1:
+        notes.append("warning: the runs were judged on different prompt sets")
+    (base, first), *others = [(name, {tuple(k) for k in s["judged_images"]}) for name, s in summaries.items()]
+    return notes + [f"warning: {name} and {base} cover different images ({len(keys ^ first)} judged in only one); "
+                    "their deltas compare different samples" for name, keys in others if keys != first]
+
+
 def markdown_table(summaries: dict[str, dict]) -> str:
     """One accuracy column per run and, with two or more runs, a delta column per run against the first (the base)."""
-    names = list(summaries)
-    head = ["Dimension", *names, *[f"Δ {name}" for name in names[1:]]]
+    names, runs = list(summaries), list(summaries.values())
 
     def row(label, get):
-        values = [get(s) for s in summaries.values()]
+        values = [get(s) for s in runs]
         cells = ["n/a" if v is None else f"{v:.2f}" for v in values]
         cells += ["n/a" if v is None or values[0] is None else f"{v - values[0]:+.2f}" for v in values[1:]]
-        return f"| {label} | " + " | ".join(cells) + " |"
+        return f"| {label} | " + " | ".join(cells) + " |" if any(v is not None for v in values) else None
 
-    def rows(labels_and_getters):  # rows nobody has data for (a small prompt subset) are left out
-        return [row(label, get) for label, get in labels_and_getters if any(get(s) is not None for s in summaries.values())]
-
-    def accuracy(table, key):
-        return lambda s: s[table][key]["accuracy"] if key in s[table] else None
-
-    counts = [f"{s['images']} ({s['failed']} failed)" for s in summaries.values()] + [""] * (len(names) - 1)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             "| Images (failed judgments, not scored) | " + " | ".join(counts) + " |",
+    accuracy = lambda table, key: lambda s: s[table][key]["accuracy"] if key in s[table] else None  # noqa: E731
+    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
+             "|" + "---|" * (2 * len(names)),
+             "| Images (failed judgments, not scored) | " + " | ".join(
+                 [f"{s['images']} ({s['failed']} failed)" for s in runs] + [""] * (len(names) - 1)) + " |",
+             "| Coverage (judged / expected images) | " + " | ".join(
+                 [f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)" for s in runs] + [""] * (len(names) - 1)) + " |",
              row("**Overall**", lambda s: s["overall"])]
-    for primary in PRIMARIES:
-        lines.append(row(f"**{primary}**", accuracy("primary", primary)))
+    for primary in PRIMARIES:  # rows nobody has data for (a small prompt subset) are left out
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
-        lines += rows((f"&nbsp;&nbsp;{sub}", accuracy("sub_criteria", sub)) for sub in subs if len(subs) > 1)
-    themes = dict.fromkeys(t for s in summaries.values() for t in s["themes"])
-    lines += rows((f"Theme: {theme}", accuracy("themes", theme)) for theme in themes)
-    partial = [name for name, s in summaries.items() if s["primaries_scored"] < len(PRIMARIES)]
-    if partial:
+        lines += [row(f"**{primary}**", accuracy("primary", primary))] + [
+            row(f"&nbsp;&nbsp;{sub}", accuracy("sub_criteria", sub)) for sub in subs if len(subs) > 1]
+    lines += [row(f"Theme: {t}", accuracy("themes", t)) for t in dict.fromkeys(t for s in runs for t in s["themes"])]
+    if partial := [name for name, s in summaries.items() if s["primaries_scored"] < len(PRIMARIES)]:
         lines.append(f"\nThe overall of {', '.join(partial)} averages fewer than {len(PRIMARIES)} primary dimensions.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def report(paths: list[str], names: list[str] | None = None, out: str | None = None) -> dict[str, dict]:
     """Summarize each results file; write OUT.json and OUT.md (default: report.* or compare.* beside the first)."""
     if names and len(names) != len(paths):
-        raise SystemExit(f"--names has {len(names)} entries for {len(paths)} results files")
+        raise SystemExit(f"error: --names has {len(names)} entries for {len(paths)} results files")
     names = names or [Path(p).resolve().parent.name for p in paths]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]  # two runs in folders of the same name: the paths tell them apart
     summaries = {name: summarize(load_result_records(p)) for name, p in zip(names, paths)}
     out = str(out or Path(paths[0]).parent / ("report" if len(paths) == 1 else "compare"))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(summaries)
+    table, notes = markdown_table(summaries), "".join(f"\n{note}" for note in coverage_warnings(summaries))
     Path(out + ".json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
-    Path(out + ".md").write_text("# UniGenBench\n\n" + table, encoding="utf-8")
-    print(f"{table}\nwrote {out}.json and {out}.md")
+    Path(out + ".md").write_text("# UniGenBench\n\n" + table + notes + "\n", encoding="utf-8")
+    print(f"{table}{notes}\nwrote {out}.json and {out}.md")
     return summaries
 
 
-# ======================================================================================================================
-# Command line
-# ======================================================================================================================
+# ======== Command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage block
+        sys.exit(f"error: {self.prog}: {message} (see --help)")
+
+
+def add_flags(parser, flags) -> None:
+    """(flag, default, help[, more argparse keywords]); each help ends with its default, or says the flag is required."""
+    for flag, default, text, *more in flags:
+        kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
+            "default": default, **({"type": type(default)} if default is not None else {})}
+        suffix = "; required" if default == "required" else "" if "default:" in text else "; default: %(default)s"
+        parser.add_argument(flag, help=text + suffix, **kw, **(more[0] if more else {}))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    g = commands.add_parser("generate", help="N images per prompt into OUT/{index}_{j}.png")
-    g.add_argument("--model", required=True, help='FLUX model id or folder; "tiny" for a random test model')
-    g.add_argument("--out", required=True)
-    g.add_argument("--lora", help="LoRA checkpoint folder from training (a pytorch_lora_weights.safetensors inside)")
-    for flag, default in ("--steps", 28), ("--resolution", 512), ("--batch-size", 4), ("--seed", 0):
-        g.add_argument(flag, type=int, default=default)
-    g.add_argument("--guidance", type=float, default=3.5)
-
-    e = commands.add_parser("evaluate", help="judge every image, appending to --results (default IMAGES/results.jsonl)")
-    e.add_argument("--images", required=True)
-    e.add_argument("--results")
+    doc = __doc__.split("\n\n")
+    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
+    g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
+    add_flags(g, [
+        ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a tiny random '
+         "FLUX, for a smoke test"),
+        ("--out", "required", "folder for the images and generate.json"),
+        ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
+        ("--resolution", None, "image side in pixels; default: 1024 (official), 32 with --model tiny", {"type": int}),
+        ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}),
+        ("--guidance", 3.5, "FLUX guidance (official)"), ("--max-sequence-length", 512, "T5 tokens (official)"),
+        ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)"),
+        ("--batch-size", 4, "images per sampler call")])
+    e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
+    add_flags(e, [
+        ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
+        ("--results", None, "results file; default: IMAGES/results.jsonl"),
+        ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official "
+         "scripts)"),
+        ("--api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
+        ("--attempts", 10, "requests per image until its reply parses (official: 10); a local judge decodes "
+         "greedily and gets one"),
+        ("--max-tokens", 4096, "reply length limit (official)"), ("--workers", 8, "requests in flight"),
+        ("--timeout", 300.0, "seconds per request"), ("--chunk", 32, "images judged between writes"),
+        ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
+        ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
     judges = e.add_mutually_exclusive_group(required=True)
-    judges.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    judges.add_argument("--judge-local", help='Qwen2.5-VL model id or folder, run in-process; "tiny" for a random one')
-    e.add_argument("--judge-model", help="the model name the server expects (required with --judge-url)")
-    e.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
-    for flag, default in (("--workers", 8), ("--retries", 3), ("--max-tokens", 1024), ("--chunk", 32),
-                          ("--parse-retries", 2), ("--batch-size", 8)):
-        e.add_argument(flag, type=int, default=default)
-    e.add_argument("--timeout", type=float, default=120.0)
-    e.add_argument("--retry-failed", action="store_true", help="judge again the images whose judgment failed")
-
+    judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1); "
+                        "this or --judge-local is required")
+    judges.add_argument("--judge-local", help="Qwen-VL judge run in this process (needs pref_grpo.py): hub id "
+                        "(CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder; this or --judge-url is required")
     for sub in g, e:
-        sub.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompts.jsonl or an official UniGenBench CSV")
-        sub.add_argument("--n", type=int, default=4, help="images per prompt")
-
+        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "prompts.jsonl or an official UniGenBench CSV "
+                         "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file"),
+                        ("--n", 4, "images per prompt (official)")])
     r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
-    r.add_argument("results", nargs="+")
-    r.add_argument("--names", nargs="+", help="column names (default: the folder name of each results file)")
-    r.add_argument("--out", help="output path without extension; .json and .md are written")
+    r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
+    add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
+                  ("--out", None, "output path without extension (.json and .md); default: report or compare "
+                   "beside the first results file")])
 
     args = parser.parse_args(argv)
     if args.command == "generate":
         generate(load_prompts(args.prompts), args.out, args.model, n=args.n, lora=args.lora, steps=args.steps,
-                 resolution=args.resolution, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed)
+                 resolution=args.resolution, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
+                 max_sequence_length=args.max_sequence_length)
     elif args.command == "evaluate":
-        if args.judge_url and not args.judge_model:
-            parser.error("--judge-model is required with --judge-url")
         prompts = load_prompts(args.prompts)
-        require_images(args.images, prompts, args.n)  # before a judge model takes minutes to load
-        judge = (server_judge(args.judge_url, args.judge_model, api_key_env=args.api_key_env, workers=args.workers,
-                              timeout=args.timeout, retries=args.retries, max_tokens=args.max_tokens)
-                 if args.judge_url else local_judge(args.judge_local, max_tokens=args.max_tokens,
-                                                    batch_size=args.batch_size))
+        check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
+        judge = (server_judge(args.judge_url, args.judge_model, key_env=args.api_key_env, workers=args.workers,
+                              timeout=args.timeout, max_tokens=args.max_tokens) if args.judge_url else
+                 local_judge(args.judge_local, max_tokens=args.max_tokens))
         evaluate(prompts, args.images, args.results or Path(args.images) / "results.jsonl", judge, n=args.n,
-                 chunk=args.chunk, retry_failed=args.retry_failed,
-                 parse_retries=args.parse_retries if args.judge_url else 0)  # greedy local decoding would only repeat
+                 chunk=args.chunk, attempts=args.attempts if args.judge_url else 1, retry_failed=args.retry_failed,
+                 suffix=args.image_suffix)
     else:
         report(args.results, args.names, args.out)
 
