@@ -56,140 +56,98 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# transformers warns on every start that torchvision is missing and it uses its PIL image processors instead: nothing a
-# user must act on (the PIL path is the one these scripts use).
+# transformers warns on every start that torchvision is missing (it falls back to the PIL processors used here).
 logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requires torchvision" not in r.getMessage())
 
 
 # ======================================================================================================================
 # Flags
 # ======================================================================================================================
+# One --flag per field; the comment after a field (and any comment lines under it) is its --help, `# ---` its group.
 @dataclass
 class Args:
     # --- model and data
-    model: str = "toy"
-    """FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or folder;
-    `toy`: the demo's tiny FLUX pretrained on a world of shapes (toy_world.py); `tiny`, `tiny-sd3`: random, for tests"""
-    preset: str | None = None
-    """every value of an official recipe (PRESETS) at once, under the flags given; default: demo for toy/tiny models"""
-    prompts: str | None = None
-    """training prompts: .txt (one a line) or .jsonl (a "prompt" field); default: the toy world's"""
-    eval_prompts: str | None = None
-    """held-out prompts (same formats); default: the toy world's held-out ones, else the first --eval-count prompts"""
-    output_dir: str | None = None
-    """where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go (default: runs/<date-time>)"""
-    resume: str | None = None
-    """a run folder (continue from its latest checkpoint, with its args.json) or one checkpoint folder"""
-    seed: int = 0
-    """every random draw is a function of (seed, round, group): a resumed run repeats an uninterrupted one"""
-    device: str | None = None
-    """cuda, cuda:1, cpu, ... (default: cuda when available)"""
+    model: str = "toy"  # FLUX or SD3 pipeline, hub id or folder (black-forest-labs/FLUX.1-dev,
+    # stabilityai/stable-diffusion-3.5-medium); `toy`: the demo's tiny FLUX pretrained on a world of shapes
+    # (toy_world.py); `tiny`, `tiny-sd3`: random, for tests
+    preset: str | None = None  # an official recipe's values (PRESETS) under the flags given; default: demo for toy/tiny
+    prompts: str | None = None  # training prompts: .txt (one a line) or .jsonl ("prompt" field); default: toy world's
+    eval_prompts: str | None = None  # held-out prompts (same formats); default: the toy world's held-out ones, else
+    # the first --eval-count prompts
+    output_dir: str | None = None  # where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go
+    # (default: runs/<date-time>)
+    resume: str | None = None  # a run folder (continue from its latest checkpoint, with its args.json) or a checkpoint
+    seed: int = 0  # every random draw is a function of (seed, round, group): a resumed run repeats an uninterrupted one
+    device: str | None = None  # cuda, cuda:1, cpu, ... (default: cuda when available)
 
     # --- sampling
-    train_steps: int = 300
-    """sampling rounds (each: sample, judge, then optimizer updates of --accum trajectories)"""
-    prompts_per_step: int = 0
-    """prompts per round over all processes (a multiple of their number), a group each; 0: one per process (official)"""
-    group_size: int = 8
-    """G: images per prompt; rewards and advantages are computed inside each group"""
-    sample_steps: int = 25
-    """denoising steps of the sampler"""
-    resolution: int = 720
-    """image height and width in pixels (a multiple of the model's latent patch: 16 for FLUX.1-dev)"""
-    guidance: float = 3.5
-    """FLUX.1-dev's distilled guidance embedding; SD3 has none"""
-    cfg_scale: float = 1.0
-    """true classifier-free guidance in sampling and training forwards (doubles their batch); 1: off; SD3.5: 4.5"""
-    eta: float = 0.7
-    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma))"""
-    shift: float | None = 3.0
-    """fixed flow shift of the sigma schedule (official: 3); none: FLUX's resolution-dependent shift"""
-    same_noise: bool = True
-    """all images of a group start from the same initial noise (the SDE noise alone makes them differ)"""
-    sde_window: int = 0
-    """> 0: SDE only on a random window of this many steps, Euler elsewhere (MixGRPO); 0: SDE on every step"""
-    train_fraction: float = 0.6
-    """share of each trajectory's transitions (never the last) trained, drawn per trajectory (official: 14 of 24)"""
-    max_sequence_length: int = 512
-    """T5 prompt length in tokens"""
+    train_steps: int = 300  # sampling rounds (each: sample, judge, then optimizer updates of --accum trajectories)
+    prompts_per_step: int = 0  # prompts per round over all processes (a multiple of their number), a group each;
+    # 0: one per process (official)
+    group_size: int = 8  # G: images per prompt; rewards and advantages are computed inside each group
+    sample_steps: int = 25  # denoising steps of the sampler
+    resolution: int = 720  # image height and width in pixels (a multiple of the latent patch: 16 for FLUX.1-dev)
+    guidance: float = 3.5  # FLUX.1-dev's distilled guidance embedding; SD3 has none
+    cfg_scale: float = 1.0  # true classifier-free guidance in sampling and training (doubles the batch); 1: off;
+    # SD3.5: 4.5
+    eta: float = 0.7  # SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma))
+    shift: float | None = 3.0  # fixed flow shift of the sigma schedule (official: 3); none: FLUX's dynamic one
+    same_noise: bool = True  # all images of a group start from the same noise (the SDE noise alone makes them differ)
+    sde_window: int = 0  # > 0: SDE only on a random window of this many steps, Euler elsewhere (MixGRPO); 0: every step
+    train_fraction: float = 0.6  # share of each trajectory's transitions (never the last) trained, drawn per
+    # trajectory (official: 14 of 24)
+    max_sequence_length: int = 512  # T5 prompt length in tokens
 
     # --- judge
-    reward: Literal["pairwise", "pointwise"] = "pairwise"
-    """pairwise: win rates (Pref-GRPO); pointwise: a scorer's scores, z-scored as plain GRPO does (the baseline)"""
-    judge_model: str | None = None
-    """served name (with --judge-url), or hub id / folder of a VLM run in this process
-    (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward"""
-    judge_url: str | None = None
-    """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
-    judge_mode: Literal["generate", "logits"] = "generate"
-    """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
-    judge_order: Literal["balanced", "both", "first"] = "balanced"
-    """which image is shown first: balanced (each pair once, every image first in half its pairs), both (each pair
-    in both orders: twice the cost), first (lower index first: the official trainer)"""
-    judge_max_tokens: int = 2048
-    """reply length limit in generate mode (official: 2048)"""
-    judge_image_size: int = 0
-    """shrink images to this longer side before judging; 0: their own size (official)"""
-    judge_workers: int = 16
-    """requests in flight at once to the reward server"""
-    judge_timeout: float = 300.0
-    """seconds per request before it is retried"""
-    judge_retries: int = 10
-    """retries per request; a pair that still fails is a tie, counted in judge_failed"""
-    judge_api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the reward server's API key (never printed)"""
-    clip_model: str | None = None
-    """CLIP model of the CLIP-score reward (hub id or folder, e.g. apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off"""
-    pref_weight: float = 1.0
-    """weight of the z-scored win rates in the advantage"""
-    clip_weight: float = 0.0
-    """weight of the z-scored CLIP scores in the advantage"""
+    reward: Literal["pairwise", "pointwise"] = "pairwise"  # pairwise: win rates (Pref-GRPO); pointwise: a scorer's
+    # scores, z-scored as plain GRPO does (the baseline)
+    judge_model: str | None = None  # served name (with --judge-url), or hub id / folder of a VLM run in this process
+    # (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward
+    judge_url: str | None = None  # OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1
+    judge_mode: Literal["generate", "logits"] = "generate"  # generate: reasoning then verdict, as trained; logits: one
+    # forward pass, P("1") vs P("2") after a fixed prefix
+    judge_order: Literal["balanced", "both", "first"] = "balanced"  # which image is shown first: balanced (each pair
+    # once, every image first in half its pairs), both (each pair in both orders: twice the cost), first (lower index
+    # first: the official trainer)
+    judge_max_tokens: int = 2048  # reply length limit in generate mode (official: 2048)
+    judge_image_size: int = 0  # shrink images to this longer side before judging; 0: their own size (official)
+    judge_workers: int = 16  # requests in flight at once to the reward server
+    judge_timeout: float = 300.0  # seconds per request before it is retried
+    judge_retries: int = 10  # retries per request; a pair that still fails is a tie, counted in judge_failed
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the server's API key (never printed)
+    clip_model: str | None = None  # CLIP model of the CLIP-score reward (hub id or folder, e.g.
+    # apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off
+    pref_weight: float = 1.0  # weight of the z-scored win rates in the advantage
+    clip_weight: float = 0.0  # weight of the z-scored CLIP scores in the advantage
 
     # --- advantages and loss
-    adv_clip: float = 5.0
-    """advantages are clamped to [-adv_clip, adv_clip]"""
-    clip_range: float = 1e-4
-    """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
-    kl_beta: float = 0.0
-    """weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO"""
+    adv_clip: float = 5.0  # advantages are clamped to [-adv_clip, adv_clip]
+    clip_range: float = 1e-4  # PPO ratio clip; tiny because the log-probs are averaged over latent elements
+    kl_beta: float = 0.0  # weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO
 
     # --- optimisation
-    lr: float = 1e-5
-    """AdamW learning rate"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient-norm clipping"""
-    accum: int = 4
-    """trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
-    off-policy); 0: all, one update a round"""
-    train_batch_size: int = 0
-    """trajectories per training forward/backward (memory); 0: as many as --accum"""
-    full: bool = False
-    """full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)"""
-    lora_rank: int = 64
-    """LoRA rank"""
-    lora_alpha: float = 128.0
-    """LoRA alpha"""
-    grad_checkpointing: bool | None = None
-    """recompute activations in the backward pass; default: on CUDA only (saves memory; on CPU it only costs time)"""
+    lr: float = 1e-5  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    accum: int = 4  # trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
+    # off-policy); 0: all, one update a round
+    train_batch_size: int = 0  # trajectories per training forward/backward (memory); 0: as many as --accum
+    full: bool = False  # full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)
+    lora_rank: int = 64  # LoRA rank
+    lora_alpha: float = 128.0  # LoRA alpha
+    grad_checkpointing: bool | None = None  # recompute activations in the backward pass; default: on CUDA only (saves
+    # memory; on CPU it only costs time)
 
     # --- logging and checkpoints
-    save_every: int = 20
-    """save a checkpoint every N rounds (and at the end)"""
-    keep_checkpoints: int = 2
-    """how many of the latest checkpoints to keep"""
-    sample_every: int = 20
-    """save a grid of the round's samples every N rounds"""
-    eval_every: int = 0
-    """every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same judge (and CLIP);
-    0: only at the end"""
-    eval_count: int = 8
-    """held-out prompts used ..."""
-    eval_seeds: int = 4
-    """... times this many held-out seeds, deterministic sampler; 0: no evaluation"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (pip install wandb); metrics.jsonl stays the record"""
+    save_every: int = 20  # save a checkpoint every N rounds (and at the end)
+    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
+    sample_every: int = 20  # save a grid of the round's samples every N rounds
+    eval_every: int = 0  # every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same
+    # judge (and CLIP); 0: only at the end
+    eval_count: int = 8  # held-out prompts used ...
+    eval_seeds: int = 4  # ... times this many held-out seeds, deterministic sampler; 0: no evaluation
+    wandb_project: str | None = None  # also log to this Weights & Biases project (pip install wandb); metrics.jsonl
+    # stays the record
 
 
 # Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
@@ -208,7 +166,6 @@ PRESETS = {
                  lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=60, save_every=20,
                  sample_every=10, eval_every=20, eval_seeds=4),
 }
-
 # Allowed values, checked when the flags are parsed.
 RANGES = dict(
     train_steps="[1,inf)", prompts_per_step="[0,inf)", group_size="[2,inf)", sample_steps="[2,inf)",
@@ -219,6 +176,8 @@ RANGES = dict(
     weight_decay="[0,inf)", max_grad_norm="(0,inf)", accum="[0,inf)", train_batch_size="[0,inf)", lora_rank="[1,inf)",
     lora_alpha="(0,inf)", save_every="[1,inf)", keep_checkpoints="[1,inf)", sample_every="[1,inf)",
     eval_every="[0,inf)", eval_count="[1,inf)", eval_seeds="[0,inf)")
+# What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
+FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
 
 
 def in_range(value, interval: str) -> bool:
@@ -226,41 +185,35 @@ def in_range(value, interval: str) -> bool:
     return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
 
 
-# What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
-FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The command line from the dataclass: one --flag per field, its docstring as help, grouped by the `# ---`
-    comments, with its default and choices. `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    """The command line, read from Args' source. `suppress` leaves unset flags out (to tell which ones a user typed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 3)[-1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
-    lines, hints = inspect.getsource(Args).splitlines(), typing.get_type_hints(Args)
-    fields, group, docs, name = {f.name: f for f in dataclasses.fields(Args)}, parser, {}, None
-    for line in lines:  # the docstring under each field, and the group comment above it
+    fields, hints, group, docs = {f.name: f for f in dataclasses.fields(Args)}, typing.get_type_hints(Args), parser, {}
+    for line in inspect.getsource(Args).splitlines():
         if m := re.match(r"\s+# --- (.+)", line):
-            group = parser.add_argument_group(m.group(1))
-        elif (m := re.match(r"\s+(\w+): ", line)) and m.group(1) in fields:
-            name, docs[m.group(1)] = m.group(1), [group, ""]
-        elif name and line.strip():
-            docs[name][1] += " " + line.strip().strip('"')
+            group = parser.add_argument_group(m[1])
+        elif (m := re.match(r"\s+(\w+): [^#]*#(.*)", line)) and m[1] in fields:
+            name, docs[m[1]] = m[1], [group, m[2]]
+        elif m := re.match(r"\s+#(.*)", line):
+            docs[name][1] += m[1]
     for name, (group, doc) in docs.items():
         f, hint = fields[name], hints[name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-        default = argparse.SUPPRESS if suppress else f.default
-        text = " ".join(doc.split()) + f" (default: {f.default})"
+        kw = dict(default=argparse.SUPPRESS if suppress else f.default, help=" ".join(doc.split()) +
+                  f" (default: {f.default})")
         if hint in (bool, bool | None):
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=text)
-            continue
-        base = next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint))) if not choices else str
-        none_ok = type(None) in typing.get_args(hint)
-        group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
-                           else base, choices=choices, default=default, help=text)
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            base = str if choices else next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint)))
+            none_ok = type(None) in typing.get_args(hint)
+            group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
+                               else base, choices=choices, **kw)
     return parser
 
 
@@ -311,30 +264,27 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # 1. Sampling: the flow ODE turned into an SDE with the same marginals, and each step's Gaussian log-prob
 # ======================================================================================================================
 def sigma_schedule(pipe, steps: int, image_seq_len: int, shift: float | None = None) -> torch.Tensor:
-    """steps + 1 noise levels from 1 down to 0 from diffusers' own scheduler: a fixed shift (official: 3), or FLUX's
-    resolution-dependent one."""
+    """steps + 1 noise levels from 1 to 0 by diffusers' scheduler: a fixed shift (official: 3) or FLUX's dynamic one."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     scheduler, cfg = pipe.scheduler, pipe.scheduler.config
     if shift is not None:
         scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift)
-    mu = None
-    if scheduler.config.use_dynamic_shifting:
-        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                         cfg.max_shift) if scheduler.config.use_dynamic_shifting else None
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device="cpu")
     return scheduler.sigmas.float().clone()
 
 
 def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, generator=None):
-    """One Flow-GRPO SDE step x_sigma -> x_sigma_next for a flow-matching velocity v, in float32. sigma and
-    sigma_next are numbers or one value per row (the training pass mixes steps of several trajectories).
-
-    std_t = eta * sqrt(sigma / (1 - sigma)), where sigma = 1 (infinite std) is capped at the first sigma below 1.
-    mean  = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma < 0
-    x_next = mean + std_t sqrt(-dt) * noise.
-    Returns (x_next, log-prob of x_next averaged over all non-batch elements, mean, std_t per row). Given `prev`,
-    returns that latent's log-prob instead of sampling one (the training pass). eta = 0 is the deterministic Euler
-    step; it has no density, so its log-prob is returned as 0. A list of generators splits the rows evenly."""
+    """One Flow-GRPO SDE step x_sigma -> x_sigma_next for a flow-matching velocity v, in float32 (sigma, sigma_next:
+    numbers, or one per row when the training pass mixes steps of several trajectories):
+      std_t  = eta * sqrt(sigma / (1 - sigma)), its pole at sigma = 1 capped at sigma_cap (the first sigma below 1)
+      mean   = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma < 0
+      x_next = mean + std_t sqrt(-dt) * noise
+    Returns (x_next, its log-prob averaged over all non-batch elements, mean, std_t per row). Given `prev`, scores that
+    latent instead of sampling one (the training pass). eta = 0 is the deterministic Euler step: no density, log-prob
+    0. A list of generators (one per group) draws the rows in equal blocks: a group's noise ignores the rest."""
     v, x = v.float(), x.float()
     col = (x.shape[0],) + (1,) * (x.ndim - 1)
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col)
@@ -343,30 +293,23 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
     mean = (x * (1 + std_t**2 / (2 * sigma) * dt).float()
             + v * ((1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt).float())
     std = (std_t * torch.sqrt(-dt)).float()
-    if prev is None:
-        prev = mean + std * gaussian(x.shape, generator, x.device) if eta > 0 else mean
-    prev = prev.float().detach()
+    if prev is None and eta > 0:
+        gens = generator if isinstance(generator, list) else [generator]
+        rows = (x.shape[0] // len(gens), *x.shape[1:])
+        prev = mean + std * torch.cat([torch.randn(rows, generator=g, device=x.device) for g in gens])
+    prev = (mean if prev is None else prev).float().detach()
     if eta == 0:
         return prev, torch.zeros(x.shape[0], device=x.device), mean, std_t.float()
     log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return prev, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std_t.float()
 
 
-def gaussian(shape, generator, device) -> torch.Tensor:
-    """Standard normal noise; a list of generators (one per group) draws the rows in equal blocks, one block each, so a
-    group's noise does not depend on what else is in the batch."""
-    if not isinstance(generator, list):
-        return torch.randn(shape, generator=generator, device=device)
-    rows = shape[0] // len(generator)
-    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=device) for g in generator])
-
-
 @torch.no_grad()
 def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
             cfg_scale: float = 1.0):
-    """Denoise a whole batch (every image of every group) with one transformer call per step. Returns all latents
-    (n, T+1, ...), the log-probs of the transitions (n, T; 0 on Euler steps) and the last step's x0-prediction
-    x - sigma v: the image to judge, without the noise the last SDE step adds."""
+    """Denoise a whole batch (every image of every group), one transformer call per step. Returns all latents
+    (n, T+1, ...), the transitions' log-probs (n, T; 0 on Euler steps) and the last step's x0-prediction x - sigma v:
+    the image to judge, without the noise the last SDE step adds."""
     sigma_cap = float(sigmas[1])
     x, latents, log_probs = noise.float(), [noise.float()], []
     for i in range(len(sigmas) - 1):
@@ -380,10 +323,9 @@ def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, g
 
 
 def step_plan(steps: int, window: int, fraction: float, group_gens: list, G: int, step_gen):
-    """Which sampling steps use the SDE (all, or a random window drawn from step_gen), and for each trajectory its
-    own random subset of those transitions to train, in random order: (groups x G, k), each group drawing from its
-    own generator. The last transition is never trained: its target, the final latent, is not what gets judged (the
-    x0-prediction before it is)."""
+    """Which sampling steps use the SDE (all, or a random window drawn from step_gen), and per trajectory its own random
+    subset of those transitions to train, in random order: (groups x G, k), each group drawing from its generator. The
+    last transition is never trained: its target, the final latent, is not what gets judged (the x0-prediction is)."""
     start = int(torch.randint(0, steps - window, (1,), generator=step_gen)) if window else 0
     sde = list(range(start, start + window)) if window else list(range(steps))
     candidates = torch.tensor([s for s in sde if s < steps - 1])
@@ -414,9 +356,9 @@ UNIFIEDREWARD_THINK_PROMPT = (
     "</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final answer are "
     "placeholders meant only to demonstrate the format. Your actual evaluation should be based on the quality of two "
     "given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
-# Logits mode: the assistant turn is prefilled with a closed, neutral <think> block and the answer up to the image
-# number (ending in a space: Qwen's tokenizer writes the space and each digit as tokens of their own), so one forward
-# pass gives P("1") vs P("2") for the next token. Ours, not the model's training format.
+# Logits mode (ours, not the model's training format): the assistant turn is prefilled with a closed, neutral <think>
+# block and the answer up to the image number, so one forward pass gives P("1") vs P("2") for the next token. It ends
+# in a space: Qwen's tokenizer writes the space and each digit as tokens of their own.
 LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
                  "and added up the totals.\n</think>\n<answer>Image ")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -430,11 +372,7 @@ def parse_verdict(reply: str | None) -> float | None:
     """As the official trainer reads a reply: the first <answer>...</answer> containing "Image 1 is better" -> 1.0,
     "Image 2 is better" -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
     m = ANSWER.search(reply) if isinstance(reply, str) else None
-    if m and "Image 1 is better" in m.group(1):
-        return 1.0
-    if m and "Image 2 is better" in m.group(1):
-        return 0.0
-    return None
+    return None if not m else 1.0 if "Image 1 is better" in m[1] else 0.0 if "Image 2 is better" in m[1] else None
 
 
 def pair_schedule(G: int, order: str) -> list[tuple[int, int]]:
@@ -450,8 +388,8 @@ def pair_schedule(G: int, order: str) -> list[tuple[int, int]]:
 
 def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, order: str = "balanced"):
     """Judge the scheduled pairs inside each group (never across groups) in one call. Returns the preference matrices
-    P[g, i, j] = P(image i beats image j), P[g, j, i] = 1 - P[g, i, j] (both orders: their mean; a failed judgment:
-    a tie), and the judge's diagnostics."""
+    P[g, i, j] = P(image i beats image j) = 1 - P[g, j, i] (both orders: their mean; a failed judgment: a tie), and
+    the judge's diagnostics."""
     schedule = pair_schedule(G, order)
     reqs = [(g, a, b) for g in range(len(prompts)) for a, b in schedule]
     p_first, info = judge([prompts[g] for g, _, _ in reqs], [images[g * G + a] for g, a, _ in reqs],
@@ -459,10 +397,8 @@ def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, o
     total, count = torch.zeros(len(prompts), G, G), torch.zeros(len(prompts), G, G)
     for (g, a, b), p in zip(reqs, p_first):
         if p is not None:
-            total[g, a, b] += p
-            total[g, b, a] += 1 - p
-            count[g, a, b] += 1
-            count[g, b, a] += 1
+            total[g, [a, b], [b, a]] += torch.tensor([p, 1 - p])
+            count[g, [a, b], [b, a]] += 1
     pref = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, 0.5))
     valid = [p for p in p_first if p is not None]
     info = {"judge_requests": len(reqs), "judge_failed": len(reqs) - len(valid),
@@ -489,7 +425,7 @@ def score_groups(scorer, prompts: list[str], images: list[Image.Image], group_si
 # 3. Win rate: each image's share of wins against the other G - 1 images of its group
 # ======================================================================================================================
 def win_rates(pref: torch.Tensor) -> torch.Tensor:
-    """pref (groups, G, G) with pref[g, i, j] = P(i beats j) -> (groups, G) win rates; a complete group sums to G / 2."""
+    """pref (groups, G, G), pref[g, i, j] = P(i beats j) -> (groups, G) win rates; a complete group sums to G / 2."""
     G = pref.shape[-1]
     return (pref.sum(-1) - pref.diagonal(dim1=-2, dim2=-1)) / (G - 1)
 
@@ -531,8 +467,8 @@ def flow_grpo_kl(mean, base_mean, std_t) -> torch.Tensor:
 
 
 def transition(pipe, batch: dict, idx, steps, args: Args):
-    """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r], recomputed under the current weights: log-prob of
-    the stored next latent (with gradient), the step's mean and std_t."""
+    """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r] under the current weights: the log-prob of the
+    stored next latent (with gradient), the step's mean and std_t."""
     sig, lat = batch["sigmas"], batch["latents"]
     x = lat[idx, steps]
     v = velocity(pipe, x, sig[steps], select(batch["cond"], idx), batch["img_ids"], args.guidance, args.cfg_scale)
@@ -546,25 +482,22 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
     first are off-policy: the weights moved since sampling, so the ratio leaves 1 and the clip acts. Trajectories
     with zero advantage get no forward/backward (their loss is exactly 0)."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
-    n, k = trained.shape
+    (n, k), sharded = trained.shape, args.full and world > 1
     size = args.accum or n
-    sharded = args.full and world > 1
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
-    out = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}
-    terms = 0
+    out, terms = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
     pipe.transformer.train()
     for start in range(0, n, size):
         chunk = torch.arange(start, min(start + size, n))
         keep = chunk[adv[chunk] != 0]
-        n_keep = int(all_reduce({"n": len(keep)}, dev)["n"])
-        if n_keep == 0:
+        if all_reduce({"n": len(keep)}, dev)["n"] == 0:
             continue
         weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the chunk's trajectories
         micro = list(keep.split(args.train_batch_size or size)) if len(keep) else []
         if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes
             micro += [keep[:0]] * (int(all_reduce({"n": len(micro)}, dev, "max")["n"]) - len(micro))
         for idx in micro:
-            w = weight * len(idx)
+            w, rows = weight * len(idx), len(idx)  # statistics: a mean over the real (trajectory, transition) terms
             idx = idx if len(idx) else chunk[:1]  # a padding pass carries weight 0
             for j in range(k):
                 lp, mean, std_t = transition(pipe, batch, idx, trained[idx, j], args)
@@ -576,7 +509,6 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
                     kl = flow_grpo_kl(mean, base_mean, std_t).mean()
                     loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
                 (loss * w).backward()
-                rows = len(idx) if w else 0  # statistics: a mean over the real (trajectory, transition) terms
                 out["ratio_dev"] = max(out["ratio_dev"], s.pop("ratio_dev") if rows else 0.0)
                 for key, value in [*s.items(), ("loss", loss.item())]:
                     sums[key] += value * rows
@@ -605,30 +537,24 @@ COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 
 TINY_PROMPTS = [f"a red {thing}" for thing in ("apple", "car", "house", "bird", "boat", "flower")]
 
 
-def word_tokenizer(words: list[str], max_length: int):
-    """A word-level tokenizer built in memory (known words get their own ids, anything else is <unk>); every text
-    ends with </s>, where CLIP pools its output (without it the pooled text would be prompt-blind)."""
+def tiny_tokenizer(max_length: int = 16):
+    """A word-level tokenizer built in memory (unknown words are <unk>); every text ends with </s>, where CLIP pools
+    its output (without it the pooled text would be prompt-blind)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = ["<pad>", "</s>", "<unk>", *dict.fromkeys(words)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    words = ["a", "an", "the", "of", "in", "on", "with", *COLOURS, "apple", "car", "house", "bird", "boat", "flower"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}, "<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=max_length)
 
 
-def tiny_tokenizer(max_length: int = 16):
-    words = ["a", "an", "the", "of", "in", "on", "with", *COLOURS, "apple", "car", "house", "bird", "boat", "flower"]
-    return word_tokenizer(words, max_length)
-
-
 def tiny_pipeline(model: str = "tiny", seed: int = 0):
     """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
-    2-level VAE with 4 latent channels, CLIP (SD3: two) and T5. A random VAE decoder maps every latent to nearly the
-    same colour: make it close to linear (residual blocks start as identity, a flat output norm, a strong output
-    gain), so that the latent's colour shows and the colour judge has something to judge."""
+    2-level VAE with 4 latent channels, CLIP (SD3: two) and T5. A random VAE decoder maps every latent to nearly one
+    colour, so it is made close to linear: the latent's colour shows and the colour judge has something to judge."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -645,7 +571,7 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0, scaling_factor=1.0)
-    with torch.no_grad():
+    with torch.no_grad():  # residual blocks start as identity, a flat output norm, a strong output gain
         for name, p in vae.decoder.named_parameters():
             if ("resnets" in name and "conv2" in name) or ("attentions" in name and "to_out" in name):
                 p.zero_()
@@ -695,23 +621,22 @@ def check_model_name(name: str, what: str) -> None:
 
 
 def load_pipeline(model: str, device=None, dtype=None):
-    """`tiny`, `tiny-sd3`, or a FLUX / SD3 pipeline from the hub or a folder (DiffusionPipeline picks the class from
-    model_index.json), on `device`, frozen (training enables what it trains)."""
+    """`tiny`, `tiny-sd3`, or a FLUX or SD3 pipeline (hub id or folder) on `device`, frozen (training unfreezes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model in ("tiny", "tiny-sd3"):
         pipe = tiny_pipeline(model)
     else:
         from diffusers import DiffusionPipeline
 
         check_model_name(model, "--model")
-        try:
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        try:  # from_pretrained keeps the modules that must stay float32 in float32
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype or (
+                torch.bfloat16 if device.type == "cuda" else torch.float32))
         except (OSError, ValueError, TypeError, KeyError) as err:  # missing files, bad id, gated, offline, corrupt
             sys.exit(hub_error(model, err, "--model"))
         if not type(pipe).__name__.startswith(("Flux", "StableDiffusion3")):
             sys.exit(f"error: --model {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
-    pipe.to(device)  # dtype was set at load time (from_pretrained keeps the modules that must stay float32)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -758,16 +683,16 @@ def adapters_off(transformer):
 def encode_prompts(pipe, prompts: list[str], max_sequence_length: int = 512, negative: bool = False) -> dict:
     """Text conditioning, one row per prompt (encoders frozen): FLUX = CLIP pooled + T5 sequence; SD3 = CLIP-L and
     CLIP-G pooled (concatenated) + [CLIP-L | CLIP-G, T5] sequence. `negative` adds the empty prompt's, for CFG."""
-    t5 = pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2
+    t5, dev = pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2, pipe.transformer.device
     n = min(max_sequence_length, t5.model_max_length)
     with torch.no_grad():
         if is_sd3(pipe):
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=pipe.transformer.device,
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev,
                                                       do_classifier_free_guidance=False, max_sequence_length=n)
             cond = {"embeds": embeds, "pooled": pooled}
         else:
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None,
-                                                          device=pipe.transformer.device, max_sequence_length=n)
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev,
+                                                          max_sequence_length=n)
             cond = {"embeds": embeds, "pooled": pooled, "text_ids": text_ids}
     if negative:
         cond["neg"] = select(encode_prompts(pipe, [""], max_sequence_length), 0)
@@ -832,11 +757,10 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
                     guidance: float = 3.5, max_sequence_length: int = 512, batch_size: int = 8,
                     cfg_scale: float = 1.0, shift: float | None = None) -> list[Image.Image]:
     """One deterministic (eta = 0) image per (prompt, seed); the same seed gives the same image in any batch."""
-    images = []
+    images, (seq_len, img_ids) = [], latent_geometry(pipe, resolution)
     for s in range(0, len(prompts), batch_size):
-        p, sd = prompts[s:s + batch_size], seeds[s:s + batch_size]
-        seq_len, img_ids = latent_geometry(pipe, resolution)
-        gens = [torch.Generator(pipe.transformer.device).manual_seed(int(x)) for x in sd]
+        p, gens = prompts[s:s + batch_size], [torch.Generator(pipe.transformer.device).manual_seed(int(x))
+                                              for x in seeds[s:s + batch_size]]
         latents, _, _ = rollout(pipe, encode_prompts(pipe, p, max_sequence_length, cfg_scale != 1),
                                 initial_noise(pipe, len(p), resolution, gens),
                                 sigma_schedule(pipe, steps, seq_len, shift), [False] * steps, 0.0, guidance, img_ids,
@@ -884,10 +808,9 @@ def served_models(url: str, key_env: str, timeout: float = 30.0) -> list[str]:
 
 def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
     """JPEG quality 95 at the image's own size, as the official clients send it (smaller only if asked)."""
-    image = image.convert("RGB")
+    image, buf = image.convert("RGB"), io.BytesIO()
     if max_side and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.BICUBIC)
-    buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=95)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -947,8 +870,7 @@ def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: 
         for text, ims in requests:
             content = [{"type": "image_url", "image_url": {"url": urls[id(im)]}} for im in ims]
             messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-            if prefill is not None:
-                messages.append({"role": "assistant", "content": prefill})
+            messages += [{"role": "assistant", "content": prefill}] if prefill is not None else []
             payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens, **(extra or {})})
         results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract), payloads))
     errors = [scrub(r[2], key_env) for r in results if r[0] is None and r[2]]
@@ -989,8 +911,8 @@ def image_only_processor(name: str, model_type: str):
 
 
 def vlm_inputs(vlm: tuple, requests, prefill: str = ""):
+    """A padded batch; the prefill is appended to the rendered prompt (not continue_final_message): nothing trims it."""
     model, processor = vlm
-    # The prefill is appended to the rendered prompt (not continue_final_message), so nothing trims it.
     texts = [processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
         tokenize=False, add_generation_prompt=True) + prefill for text, ims in requests]
@@ -1031,19 +953,18 @@ def make_judge(args: Args):
     """The pairwise judge the flags name: judge(prompts, firsts, seconds) -> (P(first better) or None, info). A server
     is checked now (a dead one, or one not serving the model, fails here, before any model loads)."""
     if args.judge_model in ("toy", "colour"):
-        if args.judge_model == "colour":
-            return colour_scorer if args.reward == "pointwise" else colour_judge
-        world = toy_world()
-        return world.scorer if args.reward == "pointwise" else world.judge
+        world = None if args.judge_model == "colour" else toy_world()
+        if args.reward == "pointwise":
+            return world.scorer if world else colour_scorer
+        return world.judge if world else colour_judge
     if args.reward == "pointwise":
         sys.exit("error: --reward pointwise has the `toy` and `colour` scorers built in; pass train(args, judge=...) "
                  "a function (prompts, images) -> (scores, info) for another")
-    url, key_env = args.judge_url, args.judge_api_key_env
-    if url:
-        served = served_models(url, key_env)
-        if served and args.judge_model not in served:
-            sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "
-                     f"(it serves: {', '.join(served)})")
+    url, key_env, generate = args.judge_url, args.judge_api_key_env, args.judge_mode == "generate"
+    served = served_models(url, key_env) if url else None
+    if served and args.judge_model not in served:
+        sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "
+                 f"(it serves: {', '.join(served)})")
     vlm = None if url else load_local_vlm(args.judge_model, args.device)
     transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
                      key_env=key_env, max_side=args.judge_image_size)
@@ -1052,20 +973,17 @@ def make_judge(args: Args):
         start = time.perf_counter()
         requests = [(judge_text(p), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
         stats = {"failed": 0, "attempts": len(requests)}
-        if args.judge_mode == "generate" and url:
+        if url and generate:
             replies, stats = server_chat(requests, url, args.judge_model, max_tokens=args.judge_max_tokens, **transport)
-            probs = [parse_verdict(r) for r in replies]
-        elif args.judge_mode == "generate":
-            replies = local_chat(vlm, requests, max_tokens=args.judge_max_tokens)
-            probs = [parse_verdict(r) for r in replies]
         elif url:  # max_tokens 2: room for a space the server trimmed off the prefill
             extra = {"logprobs": True, "top_logprobs": 20, "add_generation_prompt": False,
                      "continue_final_message": True}
-            probs, stats = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
-                                       extract=answer_prob, extra=extra, **transport)
-            replies = probs
+            replies, stats = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
+                                         extract=answer_prob, extra=extra, **transport)
         else:
-            replies = probs = local_answer_probs(vlm, requests)
+            replies = (local_chat(vlm, requests, max_tokens=args.judge_max_tokens) if generate
+                       else local_answer_probs(vlm, requests))
+        probs = [parse_verdict(r) for r in replies] if generate else replies
         if stats.get("errors"):
             tqdm.write(f"judge server: {len(stats['errors'])}/{len(requests)} requests failed after retries "
                        f"(last: {stats['errors'][-1]})")
@@ -1088,8 +1006,8 @@ def load_clip(name: str, device) -> tuple:
                                              pad_token_id=0, bos_token_id=1, eos_token_id=1),
                             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-        return CLIPModel(config).to(device).eval(), tokenizer, CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                                                                     crop_size=32)
+        return (CLIPModel(config).to(device).eval(), tokenizer,
+                CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32))
     check_model_name(name, "--clip-model")
     try:
         return (CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name),
@@ -1102,11 +1020,10 @@ def load_clip(name: str, device) -> tuple:
 def clip_scores(clip: tuple, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
     """Cosine similarity of each image's and its prompt's CLIP embeddings, as the official reward (no x100)."""
     model, tokenizer, processor = clip
-    dev = model.device
     text = tokenizer(prompts, padding=True, truncation=True, max_length=min(77, tokenizer.model_max_length),
-                     return_tensors="pt").to(dev)
-    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"].to(dev)
-    out = model(**text, pixel_values=pixels)  # text_embeds and image_embeds come projected and normalised
+                     return_tensors="pt").to(model.device)
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    out = model(**text, pixel_values=pixels.to(model.device))  # text_embeds, image_embeds: projected, normalised
     return (out.text_embeds * out.image_embeds).sum(-1).float().cpu()
 
 
@@ -1146,17 +1063,16 @@ def toy_world():
 # Processes: the same file under torchrun (one process per GPU), on torch.distributed
 # ======================================================================================================================
 # Every process computes the same global prompt list for a round and takes its own slice of whole groups, so a group
-# is sampled, judged and turned into advantages on one process. LoRA: the weights are replicated and after each chunk's
-# backward passes the gradients are summed with one all-reduce (each term is weighted by 1 / (chunk x processes x
-# steps), so the sum is the global mean). Not DDP: DDP syncs inside each backward and needs the same number of them
-# everywhere, but zero-advantage trajectories get none. --full: FSDP2 shards weights, gradients and optimizer state.
+# is sampled, judged and turned into advantages on one process. LoRA: the weights are replicated and each chunk's
+# gradients are summed with one all-reduce (each term weighs 1 / (chunk x processes x steps): the sum is the global
+# mean). Not DDP: DDP syncs inside each backward and needs as many everywhere, but zero-advantage trajectories get
+# none. --full: FSDP2 shards weights, gradients and optimizer state.
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def init_distributed(args: Args) -> tuple[int, int, torch.device]:
-    """Under torchrun (WORLD_SIZE is set) join the process group: nccl on CUDA with one GPU per process (LOCAL_RANK),
-    gloo on CPU. Returns (rank, world size, device); a plain `python pref_grpo.py` is rank 0 of 1."""
+    """(rank, world size, device), under torchrun after joining the group (nccl and a GPU per process, or gloo)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1229,8 +1145,7 @@ def load_prompts(path: str, flag_name: str = "--prompts") -> list[str]:
                 sys.exit(f"error: {path}:{n}: expected a JSON object with a \"prompt\" field")
             if not isinstance(line, str) or not line.strip():
                 sys.exit(f"error: {path}:{n}: \"prompt\" must be a non-empty string")
-        if line.strip():
-            prompts.append(line.strip())
+        prompts += [line.strip()] if line.strip() else []
     if not prompts:
         sys.exit(f"error: {flag_name} {path!r} has no prompts")
     return prompts
@@ -1238,19 +1153,9 @@ def load_prompts(path: str, flag_name: str = "--prompts") -> list[str]:
 
 def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[str]:
     """The prompts of one round: walk through a fresh permutation of the prompt list every epoch."""
-    out = []
-    for pos in range(step * count, (step + 1) * count):
-        epoch, k = divmod(pos, len(prompts))
-        out.append(prompts[int(torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))[k])])
-    return out
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder to disk, so that the rename that publishes it never exposes empty files."""
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+    n = len(prompts)
+    return [prompts[int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + pos // n))[pos % n])]
+            for pos in range(step * count, (step + 1) * count)]
 
 
 def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank: int = 0) -> Path | None:
@@ -1288,7 +1193,9 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
     torch.save(optim, tmp / "optimizer.pt")  # tensors, numbers and names only: loads with weights_only=True
     # All randomness is keyed by (seed, step, group), so the step number is the whole RNG state.
     (tmp / "state.json").write_text(json.dumps({"step": step, **{k: getattr(args, k) for k in FIXED_ON_RESUME}}))
-    fsync_tree(tmp)
+    for f in (f for f in tmp.rglob("*") if f.is_file()):  # on disk before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-args.keep_checkpoints]:
@@ -1336,8 +1243,8 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
             from peft.utils import set_peft_model_state_dict
 
             weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
-            weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
-            result = set_peft_model_state_dict(pipe.transformer, weights)
+            result = set_peft_model_state_dict(pipe.transformer, {k.removeprefix("transformer."): v
+                                                                  for k, v in weights.items()})
             if getattr(result, "unexpected_keys", None):
                 raise ValueError("its LoRA layers do not match this model")
             for p in (p for p in pipe.transformer.parameters() if p.requires_grad):
@@ -1368,12 +1275,6 @@ def save_grid(images: list[Image.Image], labels: list[str], columns: int, path: 
     grid.save(path)
 
 
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
@@ -1395,8 +1296,7 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
                                   [torch.Generator().manual_seed(group_seed(args.seed, step, g, 1)) for g in groups],
                                   G, torch.Generator().manual_seed(group_seed(args.seed, step, 0, 2)))
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
-    if args.same_noise:
-        noise = noise.repeat_interleave(G, 0)
+    noise = noise.repeat_interleave(G, 0) if args.same_noise else noise
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
     latents, log_probs, x0 = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
                                      args.cfg_scale)
@@ -1468,6 +1368,17 @@ def start_run(args: Args, run_dir: Path, start: int) -> dict:
     return resolved
 
 
+def start_wandb(args: Args, run_dir: Path, config: dict):
+    """Weights & Biases, only when asked for (an optional dependency, imported here and nowhere else)."""
+    try:
+        import wandb
+    except ImportError:
+        sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
+    wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
+               id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
+    return wandb
+
+
 def train(args: Args, judge=None) -> dict:
     """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
     pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
@@ -1485,9 +1396,8 @@ def train(args: Args, judge=None) -> dict:
     prompts = load_prompts(args.prompts) if args.prompts else checker.TRAIN_PROMPTS if checker else TINY_PROMPTS
     eval_ps = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
                checker.EVAL_PROMPTS if checker else prompts)[:args.eval_count]
-    eval_ps, eval_seeds = [p for p in eval_ps for _ in range(args.eval_seeds)], list(range(args.eval_seeds)) * len(
-        eval_ps)
-    eval_seeds = [10**9 + s for s in eval_seeds]  # seeds that training never uses
+    eval_seeds = [10**9 + s for _ in eval_ps for s in range(args.eval_seeds)]  # seeds that training never uses
+    eval_ps = [p for p in eval_ps for _ in range(args.eval_seeds)]
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if not ckpt and ((run_dir / "args.json").exists() or (run_dir / "metrics.jsonl").exists()):
@@ -1561,13 +1471,15 @@ def train(args: Args, judge=None) -> dict:
             rewards, adv = gather(rewards, device), gather(adv, device)
             if world > 1:
                 info = {k: int(v) if type(info[k]) is int else v / world for k, v in all_reduce(info, device).items()}
+            peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
             metrics = {"step": step + 1, "reward_mean": rewards.mean().item(),
                        "reward_group_std": rewards.std(1, correction=0).mean().item(),
                        "adv_abs_mean": adv.abs().mean().item(), "adv_max": adv.max().item(),
                        "adv_min": adv.min().item(), "zero_adv_groups": int((adv.view(rewards.shape) == 0).all(1).sum()),
                        "trained_transitions": batch["trained"].shape[1], **stats, **info, "time_sample": t1 - t0,
                        "time_judge": t2 - t1, "time_train": t3 - t2, "images_per_s": len(images) * world / (t3 - t0),
-                       "peak_mem_gb": all_reduce({"m": peak_memory_gb(device)}, device, "max")["m"],
+                       "peak_mem_gb": all_reduce({"m": peak}, device, "max")["m"],
                        **({"clip_score": gather(clip_r, device).mean().item()} if clip else {})}
             if args.eval_every and (step + 1) % args.eval_every == 0 and before:
                 after = held_out(pipe, eval_ps, eval_seeds, args)
@@ -1625,17 +1537,6 @@ def train(args: Args, judge=None) -> dict:
     if own_group and dist.is_initialized():
         dist.destroy_process_group()
     return result
-
-
-def start_wandb(args: Args, run_dir: Path, config: dict):
-    """Weights & Biases, only when asked for (an optional dependency, imported here and nowhere else)."""
-    try:
-        import wandb
-    except ImportError:
-        sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
-    wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
-               id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
-    return wandb
 
 
 if __name__ == "__main__":
