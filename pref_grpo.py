@@ -63,91 +63,132 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 # ======================================================================================================================
 # Flags
 # ======================================================================================================================
-# One --flag per field; the comment after a field (and any comment lines under it) is its --help, `# ---` its group.
 @dataclass
 class Args:
     # --- model and data
-    model: str = "toy"  # FLUX or SD3 pipeline, hub id or folder (black-forest-labs/FLUX.1-dev,
-    # stabilityai/stable-diffusion-3.5-medium); `toy`: the demo's tiny FLUX pretrained on a world of shapes
-    # (toy_world.py); `tiny`, `tiny-sd3`: random, for tests
-    preset: str | None = None  # an official recipe's values (PRESETS) under the flags given; default: demo for toy/tiny
-    prompts: str | None = None  # training prompts: .txt (one a line) or .jsonl ("prompt" field); default: toy world's
-    eval_prompts: str | None = None  # held-out prompts (same formats); default: the toy world's held-out ones, else
-    # the first --eval-count prompts
-    output_dir: str | None = None  # where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go
-    # (default: runs/<date-time>)
-    resume: str | None = None  # a run folder (continue from its latest checkpoint, with its args.json) or a checkpoint
-    seed: int = 0  # every random draw is a function of (seed, round, group): a resumed run repeats an uninterrupted one
-    device: str | None = None  # cuda, cuda:1, cpu, ... (default: cuda when available)
+    model: str = "toy"
+    """FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or folder;
+    `toy`: the demo's tiny FLUX pretrained on a world of shapes (toy_world.py); `tiny`, `tiny-sd3`: random, for tests"""
+    preset: str | None = None
+    """every value of an official recipe (PRESETS) at once, under the flags given; default: demo for toy/tiny models"""
+    prompts: str | None = None
+    """training prompts: .txt (one a line) or .jsonl (a "prompt" field); default: the toy world's"""
+    eval_prompts: str | None = None
+    """held-out prompts (same formats); default: the toy world's held-out ones, else the first --eval-count prompts"""
+    output_dir: str | None = None
+    """where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go (default: runs/<date-time>)"""
+    resume: str | None = None
+    """a run folder (continue from its latest checkpoint, with its args.json) or one checkpoint folder"""
+    seed: int = 0
+    """every random draw is a function of (seed, round, group): a resumed run repeats an uninterrupted one"""
+    device: str | None = None
+    """cuda, cuda:1, cpu, ... (default: cuda when available)"""
 
     # --- sampling
-    train_steps: int = 300  # sampling rounds (each: sample, judge, then optimizer updates of --accum trajectories)
-    prompts_per_step: int = 0  # prompts per round over all processes (a multiple of their number), a group each;
-    # 0: one per process (official)
-    group_size: int = 8  # G: images per prompt; rewards and advantages are computed inside each group
-    sample_steps: int = 25  # denoising steps of the sampler
-    resolution: int = 720  # image height and width in pixels (a multiple of the latent patch: 16 for FLUX.1-dev)
-    guidance: float = 3.5  # FLUX.1-dev's distilled guidance embedding; SD3 has none
-    cfg_scale: float = 1.0  # true classifier-free guidance in sampling and training (doubles the batch); 1: off;
-    # SD3.5: 4.5
-    eta: float = 0.7  # SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma))
-    shift: float | None = 3.0  # fixed flow shift of the sigma schedule (official: 3); none: FLUX's dynamic one
-    same_noise: bool = True  # all images of a group start from the same noise (the SDE noise alone makes them differ)
-    sde_window: int = 0  # > 0: SDE only on a random window of this many steps, Euler elsewhere (MixGRPO); 0: every step
-    train_fraction: float = 0.6  # share of each trajectory's transitions (never the last) trained, drawn per
-    # trajectory (official: 14 of 24)
-    max_sequence_length: int = 512  # T5 prompt length in tokens
+    train_steps: int = 300
+    """sampling rounds (each: sample, judge, then optimizer updates of --accum trajectories)"""
+    prompts_per_step: int = 0
+    """prompts per round over all processes (a multiple of their number), a group each; 0: one per process (official)"""
+    group_size: int = 8
+    """G: images per prompt; rewards and advantages are computed inside each group"""
+    sample_steps: int = 25
+    """denoising steps of the sampler"""
+    resolution: int = 720
+    """image height and width in pixels (a multiple of the model's latent patch: 16 for FLUX.1-dev)"""
+    guidance: float = 3.5
+    """FLUX.1-dev's distilled guidance embedding; SD3 has none"""
+    cfg_scale: float = 1.0
+    """true classifier-free guidance in sampling and training forwards (doubles their batch); 1: off; SD3.5: 4.5"""
+    eta: float = 0.7
+    """SDE noise level: std_t = eta * sqrt(sigma / (1 - sigma))"""
+    shift: float | None = 3.0
+    """fixed flow shift of the sigma schedule (official: 3); none: FLUX's resolution-dependent shift"""
+    same_noise: bool = True
+    """all images of a group start from the same initial noise (the SDE noise alone makes them differ)"""
+    sde_window: int = 0
+    """> 0: SDE only on a random window of this many steps, Euler elsewhere (MixGRPO); 0: SDE on every step"""
+    train_fraction: float = 0.6
+    """share of each trajectory's transitions (never the last) trained, drawn per trajectory (official: 14 of 24)"""
+    max_sequence_length: int = 512
+    """T5 prompt length in tokens"""
 
     # --- judge
-    reward: Literal["pairwise", "pointwise"] = "pairwise"  # pairwise: win rates (Pref-GRPO); pointwise: a scorer's
-    # scores, z-scored as plain GRPO does (the baseline)
-    judge_model: str | None = None  # served name (with --judge-url), or hub id / folder of a VLM run in this process
-    # (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward
-    judge_url: str | None = None  # OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1
-    judge_mode: Literal["generate", "logits"] = "generate"  # generate: reasoning then verdict, as trained; logits: one
-    # forward pass, P("1") vs P("2") after a fixed prefix
-    judge_order: Literal["balanced", "both", "first"] = "balanced"  # which image is shown first: balanced (each pair
-    # once, every image first in half its pairs), both (each pair in both orders: twice the cost), first (lower index
-    # first: the official trainer)
-    judge_max_tokens: int = 2048  # reply length limit in generate mode (official: 2048)
-    judge_image_size: int = 0  # shrink images to this longer side before judging; 0: their own size (official)
-    judge_workers: int = 16  # requests in flight at once to the reward server
-    judge_timeout: float = 300.0  # seconds per request before it is retried
-    judge_retries: int = 10  # retries per request; a pair that still fails is a tie, counted in judge_failed
-    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the server's API key (never printed)
-    clip_model: str | None = None  # CLIP model of the CLIP-score reward (hub id or folder, e.g.
-    # apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off
-    pref_weight: float = 1.0  # weight of the z-scored win rates in the advantage
-    clip_weight: float = 0.0  # weight of the z-scored CLIP scores in the advantage
+    reward: Literal["pairwise", "pointwise"] = "pairwise"
+    """pairwise: win rates (Pref-GRPO); pointwise: a scorer's scores, z-scored as plain GRPO does (the baseline)"""
+    judge_model: str | None = None
+    """served name (with --judge-url), or hub id / folder of a VLM run in this process
+    (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward"""
+    judge_url: str | None = None
+    """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
+    judge_mode: Literal["generate", "logits"] = "generate"
+    """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
+    judge_order: Literal["balanced", "both", "first"] = "balanced"
+    """which image is shown first: balanced (each pair once, every image first in half its pairs), both (each pair
+    in both orders: twice the cost), first (lower index first: the official trainer)"""
+    judge_max_tokens: int = 2048
+    """reply length limit in generate mode (official: 2048)"""
+    judge_image_size: int = 0
+    """shrink images to this longer side before judging; 0: their own size (official)"""
+    judge_workers: int = 16
+    """requests in flight at once to the reward server"""
+    judge_timeout: float = 300.0
+    """seconds per request before it is retried"""
+    judge_retries: int = 10
+    """retries per request; a pair that still fails is a tie, counted in judge_failed"""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """environment variable holding the reward server's API key (never printed)"""
+    clip_model: str | None = None
+    """CLIP model of the CLIP-score reward (hub id or folder, e.g. apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off"""
+    pref_weight: float = 1.0
+    """weight of the z-scored win rates in the advantage"""
+    clip_weight: float = 0.0
+    """weight of the z-scored CLIP scores in the advantage"""
 
     # --- advantages and loss
-    adv_clip: float = 5.0  # advantages are clamped to [-adv_clip, adv_clip]
-    clip_range: float = 1e-4  # PPO ratio clip; tiny because the log-probs are averaged over latent elements
-    kl_beta: float = 0.0  # weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO
+    adv_clip: float = 5.0
+    """advantages are clamped to [-adv_clip, adv_clip]"""
+    clip_range: float = 1e-4
+    """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
+    kl_beta: float = 0.0
+    """weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO"""
 
     # --- optimisation
-    lr: float = 1e-5  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient-norm clipping
-    accum: int = 4  # trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
-    # off-policy); 0: all, one update a round
-    train_batch_size: int = 0  # trajectories per training forward/backward (memory); 0: as many as --accum
-    full: bool = False  # full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)
-    lora_rank: int = 64  # LoRA rank
-    lora_alpha: float = 128.0  # LoRA alpha
-    grad_checkpointing: bool | None = None  # recompute activations in the backward pass; default: on CUDA only (saves
-    # memory; on CPU it only costs time)
+    lr: float = 1e-5
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clipping"""
+    accum: int = 4
+    """trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
+    off-policy); 0: all, one update a round"""
+    train_batch_size: int = 0
+    """trajectories per training forward/backward (memory); 0: as many as --accum"""
+    full: bool = False
+    """full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)"""
+    lora_rank: int = 64
+    """LoRA rank"""
+    lora_alpha: float = 128.0
+    """LoRA alpha"""
+    grad_checkpointing: bool | None = None
+    """recompute activations in the backward pass; default: on CUDA only (saves memory; on CPU it only costs time)"""
 
     # --- logging and checkpoints
-    save_every: int = 20  # save a checkpoint every N rounds (and at the end)
-    keep_checkpoints: int = 2  # how many of the latest checkpoints to keep
-    sample_every: int = 20  # save a grid of the round's samples every N rounds
-    eval_every: int = 0  # every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same
-    # judge (and CLIP); 0: only at the end
-    eval_count: int = 8  # held-out prompts used ...
-    eval_seeds: int = 4  # ... times this many held-out seeds, deterministic sampler; 0: no evaluation
-    wandb_project: str | None = None  # also log to this Weights & Biases project (pip install wandb); metrics.jsonl
-    # stays the record
+    save_every: int = 20
+    """save a checkpoint every N rounds (and at the end)"""
+    keep_checkpoints: int = 2
+    """how many of the latest checkpoints to keep"""
+    sample_every: int = 20
+    """save a grid of the round's samples every N rounds"""
+    eval_every: int = 0
+    """every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same judge (and CLIP);
+    0: only at the end"""
+    eval_count: int = 8
+    """held-out prompts used ..."""
+    eval_seeds: int = 4
+    """... times this many held-out seeds, deterministic sampler; 0: no evaluation"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (pip install wandb); metrics.jsonl stays the record"""
 
 
 # Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
@@ -190,30 +231,32 @@ def flag(name: str) -> str:
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The command line, read from Args' source. `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    """The command line from the dataclass: one --flag per field, its docstring as help, grouped by the `# ---`
+    comments, with its default and choices. `suppress` leaves unset flags out (to tell which ones a user typed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 3)[-1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
-    fields, hints, group, docs = {f.name: f for f in dataclasses.fields(Args)}, typing.get_type_hints(Args), parser, {}
-    for line in inspect.getsource(Args).splitlines():
+    lines, hints = inspect.getsource(Args).splitlines(), typing.get_type_hints(Args)
+    fields, group, docs, name = {f.name: f for f in dataclasses.fields(Args)}, parser, {}, None
+    for line in lines:  # the docstring under each field, and the group comment above it
         if m := re.match(r"\s+# --- (.+)", line):
-            group = parser.add_argument_group(m[1])
-        elif (m := re.match(r"\s+(\w+): [^#]*#(.*)", line)) and m[1] in fields:
-            name, docs[m[1]] = m[1], [group, m[2]]
-        elif m := re.match(r"\s+#(.*)", line):
-            docs[name][1] += m[1]
+            group = parser.add_argument_group(m.group(1))
+        elif (m := re.match(r"\s+(\w+): ", line)) and m.group(1) in fields:
+            name, docs[m.group(1)] = m.group(1), [group, ""]
+        elif name and line.strip():
+            docs[name][1] += " " + line.strip().strip('"')
     for name, (group, doc) in docs.items():
         f, hint = fields[name], hints[name]
         choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-        kw = dict(default=argparse.SUPPRESS if suppress else f.default, help=" ".join(doc.split()) +
-                  f" (default: {f.default})")
+        default = argparse.SUPPRESS if suppress else f.default
+        text = " ".join(doc.split()) + f" (default: {f.default})"
         if hint in (bool, bool | None):
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            base = str if choices else next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint)))
-            none_ok = type(None) in typing.get_args(hint)
-            group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
-                               else base, choices=choices, **kw)
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=text)
+            continue
+        base = next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint))) if not choices else str
+        none_ok = type(None) in typing.get_args(hint)
+        group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
+                           else base, choices=choices, default=default, help=text)
     return parser
 
 
