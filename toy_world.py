@@ -146,16 +146,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, x0: int, y0: 
 def place_boxes(rng: np.random.Generator, n: int, side: str | None) -> list[tuple[int, int, int]]:
     """n non-overlapping boxes (x0, y0, size) with a 2-pixel gap, so touching shapes never merge into one blob.
     A sided box lies wholly in its half, with a margin from the middle so the side is never a judgement call."""
-    lo, hi = (9, 12) if n == 1 else (8, 10)
+    lo, hi = (9, 12) if n > 1 else (10, 13) if side else (11, 15)  # big enough to show their shape
     for _ in range(1000):
         boxes = []
         for _ in range(n):
             size = int(rng.integers(lo, hi + 1))
             x_min, x_max = 1, SIZE - 1 - size
             if side == "left":
-                x_max = SIZE // 2 - 2 - size
+                x_max = SIZE // 2 - 1 - size
             elif side == "right":
-                x_min = SIZE // 2 + 2
+                x_min = SIZE // 2 + 1
             box = (int(rng.integers(x_min, x_max + 1)), int(rng.integers(1, SIZE - size)), size)
             if all(_gap(box, b) >= 2 for b in boxes):
                 boxes.append(box)
@@ -313,12 +313,13 @@ def judge(prompts: list[str], images_a: list[Image.Image], images_b: list[Image.
 class Settings:
     """Everything the pretrained model depends on; the cache folder is named after a hash of these."""
     scenes: int = 10_000       # training pictures drawn from TRAIN_PROMPTS (one random seed each)
-    vae_steps: int = 300       # autoencoder optimizer steps
-    flux_steps: int = 900      # rectified-flow optimizer steps of the transformer
-    batch_size: int = 64       # transformer batch
+    vae_steps: int = 200       # autoencoder optimizer steps
+    flux_steps: int = 2000     # rectified-flow optimizer steps of the transformer
+    batch_size: int = 32       # transformer batch
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
-    flux_lr: float = 1e-3
+    flux_lr: float = 2e-3
+    ema: float = 0.995         # the saved transformer is an exponential moving average of the trained one
     drop_prompt: float = 0.1   # share of empty prompts in pretraining, so classifier-free guidance is an option
     width: int = 128           # transformer width: heads x head dim
     seed: int = 0
@@ -440,6 +441,8 @@ def train_flux(pipe, prompts: list[str], latents: torch.Tensor, settings: Settin
     transformer = pipe.transformer.requires_grad_(True).train()
     opt = torch.optim.AdamW(transformer.parameters(), lr=settings.flux_lr, weight_decay=1e-4)
     warmup, recent = max(1, settings.flux_steps // 20), []
+    # A short run ends on a noisy iterate; an exponential moving average of the weights samples much cleaner shapes.
+    ema = [p.detach().clone() for p in transformer.parameters()]
     for step in (progress_bar := bar(settings.flux_steps, "toy-world FLUX", progress)):
         rows = torch.randint(0, len(latents), (settings.batch_size,), generator=gen)
         x0, which = latents[rows], index[rows].clone()
@@ -460,9 +463,16 @@ def train_flux(pipe, prompts: list[str], latents: torch.Tensor, settings: Settin
         for group in opt.param_groups:
             group["lr"] = settings.flux_lr * lr
         opt.step()
+        with torch.no_grad():
+            decay = min(settings.ema, (1 + step) / (10 + step))  # short memory at first: the start is random
+            for e, p in zip(ema, transformer.parameters()):
+                e.lerp_(p, 1 - decay)
         recent = (recent + [loss.item()])[-50:]
         if step % 20 == 0:
             progress_bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+    with torch.no_grad():
+        for e, p in zip(ema, transformer.parameters()):
+            p.copy_(e)
     transformer.requires_grad_(False).eval()
     return sum(recent) / max(len(recent), 1)
 
