@@ -472,7 +472,7 @@ def table(r: dict) -> list[str]:
     return lines
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], allow_abbrev=False,
         epilog="Any other flag is a trainer flag (pref_grpo.py --help): --model, --device, --resolution, --group-size, "
@@ -485,7 +485,7 @@ def main():
     parser.add_argument("--mem-resolution", type=int, default=128, help="px, for measurement 4")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per timing (the median is reported)")
     parser.add_argument("--flux-layers", default="19,38", help="flux-random's double,single blocks (FLUX.1-dev: 19,38)")
-    bench, rest = parser.parse_known_args()
+    bench, rest = parser.parse_known_args(argv)
     sections = bench.sections.split(",")
     if set(sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}")
@@ -533,6 +533,7 @@ def main():
     with open(bench.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {bench.out}")
+    return result
 
 
 if __name__ == "__main__":
