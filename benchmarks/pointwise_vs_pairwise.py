@@ -360,8 +360,8 @@ def draw_plot(results: list[dict], cfg: argparse.Namespace, path: Path) -> None:
                         f"pairwise noise {cfg.pair_noise} per image per comparison\n\n"
                         "a toy: not evidence about real reward models", fill="black")
     y = 28 + 2 * PH + 8
-    d.text((10, y), "held-out images (prompts and seeds never trained on): the initial policy, then each final policy",
-           fill="black")
+    d.text((10, y), "held-out images (seeds never trained on; the tiny model's prompts are its training prompts): the "
+                    "initial policy, then each final policy", fill="black")
     y += 20
     for label, strip in strips:
         d.text((8, y + strip.height // 2 - 6), label, fill=COLOURS.get(label.split()[0], (0, 0, 0)))
