@@ -58,7 +58,8 @@ class Recorder:
                 with recorder.lock:
                     recorder.requests.append((content[2]["text"], first, second, payload))
                 better = 1 if recorder.policy == "first" or first > second else 2
-                text = f"<think>\nImage 1: {first}, Image 2: {second}\n</think>\n<answer>Image {better} is better</answer>"
+                text = (f"<think>\nImage 1: {first}, Image 2: {second}\n</think>\n"
+                        f"<answer>Image {better} is better</answer>")
                 self.reply({"choices": [{"message": {"role": "assistant", "content": text}}],
                             "usage": {"completion_tokens": 20}})
 
@@ -202,7 +203,8 @@ def test_the_order_simulation_of_a_balanced_schedule_matches_its_arithmetic():
 def test_trainer_says_at_start_that_order_disagreement_needs_both_orders(tmp_path, capsys):
     for order in ("balanced", "both"):
         args = pg.parse_args(["--model", "tiny", "--train-steps", "1", "--eval-seeds", "0", "--prompts-per-step", "1",
-                              "--group-size", "4", "--resolution", "16", "--sample-steps", "2", "--judge-order", order, "--output-dir", str(tmp_path / order), "--device", "cpu"])
+                              "--group-size", "4", "--resolution", "16", "--sample-steps", "2", "--judge-order", order,
+                              "--output-dir", str(tmp_path / order), "--device", "cpu"])
         pg.train(args)
         out = capsys.readouterr().out
         metrics = json.loads((tmp_path / order / "metrics.jsonl").read_text().splitlines()[0])

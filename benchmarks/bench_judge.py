@@ -136,7 +136,8 @@ def order_table(rows: list[dict]) -> list[str]:
                 dis = "" if math.isnan(r["order_disagree"]) else f"{r['order_disagree']:.3f}"
                 lines.append(f"{r['bias']:>5}  {r['order']:<9} {r['requests_per_group']:>9}  "
                              f"{r['first_preferred']:>10.3f}  {dis:>8}  {r['win_rmse']:>9.4f}  "
-                             f"{r['win_offset_spread']:>10.4f}  {r['adv_rmse']:>10.4f}  {r['adv_offset_spread']:>10.4f}")
+                             f"{r['win_offset_spread']:>10.4f}  {r['adv_rmse']:>10.4f}  "
+                             f"{r['adv_offset_spread']:>10.4f}")
     return lines
 
 

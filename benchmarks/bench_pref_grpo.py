@@ -19,8 +19,8 @@ round, so that load from other processes hits them alike. Prints a table and wri
 On a GPU, `--model flux-random` is FLUX.1-dev's transformer and VAE with random weights (speed does not depend on the
 weights; nothing is downloaded). Two calls of about 4-5 minutes each (an estimate):
 
-    python benchmarks/bench_pref_grpo.py --model flux-random --resolution 512 --rollout-resolutions 256,512 --mem-resolution 512 \
-        --sample-steps 6 --prompts-per-step 2 --group-size 4 --train-batch-size 2 --repeats 2 \
+    python benchmarks/bench_pref_grpo.py --model flux-random --resolution 512 --rollout-resolutions 256,512 \
+        --mem-resolution 512 --sample-steps 6 --prompts-per-step 2 --group-size 4 --train-batch-size 2 --repeats 2 \
         --sections rollouts,overhead,skipping --out runs/bench_gpu_a.json
     python benchmarks/bench_pref_grpo.py ...the same... --sections memory,window --out runs/bench_gpu_b.json
 """
@@ -162,7 +162,8 @@ def parts(pipe, params, optimizer, prompts, args, device) -> dict:
         decoded = pipe.vae.decode(z).sample
     images = pg.decode(pipe, batch["x0"], args.resolution)
     G = args.group_size
-    pairs = [(g * G + a, g * G + b, prompts[g]) for g in range(len(prompts)) for a, b in pg.pair_schedule(G, args.judge_order)]
+    pairs = [(g * G + a, g * G + b, prompts[g]) for g in range(len(prompts))
+             for a, b in pg.pair_schedule(G, args.judge_order)]
     pair_prompts = [p for _, _, p in pairs]
     images_a, images_b = [images[a] for a, _, _ in pairs], [images[b] for _, b, _ in pairs]
 

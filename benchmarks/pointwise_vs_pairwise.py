@@ -8,7 +8,7 @@ one run directory per (reward, seed) (metrics.jsonl, sample grids, eval/) and su
     python benchmarks/pointwise_vs_pairwise.py --seeds 1 --steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
     python benchmarks/pointwise_vs_pairwise.py --plot-only   # redraw the plot and summary.json from finished runs
 
-The toy (the README section "Pointwise vs pairwise" says it at length; it is a toy, not evidence about real reward models):
+The toy (the README section "Pointwise vs pairwise" says it at length; a toy, not evidence about real reward models):
   * one judge opinion per image:  q = closeness to the prompt's colour + FLAW_WEIGHT * flaw(image),
     closeness = 1 - colour_distance / sqrt(3) in [0, 1]; the flaw (`--flaw`) is brightness (mean luminance, the
     default: the analogue of over-saturated images that score well) or contrast (pixel std).

@@ -1,4 +1,4 @@
-"""Tests for benchmarks/pointwise_vs_pairwise.py: the toy judges' properties, and one tiny run of the script's entry point."""
+"""Tests for benchmarks/pointwise_vs_pairwise.py: the toy judges' properties, and one tiny run of its entry point."""
 
 import json
 
@@ -125,7 +125,8 @@ def test_entry_point_two_steps_writes_the_plot_and_summary(tmp_path):
         assert im.width == 1200 and im.height > 600
     for reward in ("pairwise", "pointwise"):
         rows = (tmp_path / "runs" / f"{reward}-seed0" / "metrics.jsonl").read_text().splitlines()
-        assert len(rows) == 2 and {"toy_opinion", "toy_flaw", "toy_flipped", "colour_distance"} <= set(json.loads(rows[0]))
+        logged = set(json.loads(rows[0]))
+        assert len(rows) == 2 and {"toy_opinion", "toy_flaw", "toy_flipped", "colour_distance"} <= logged
     pointwise_std = summary["rewards"]["pointwise"]["train_reward_group_std_last2"]["mean"]
     pairwise_std = summary["rewards"]["pairwise"]["train_reward_group_std_last2"]["mean"]
     assert pointwise_std < 0.01 < pairwise_std  # the narrow band vs win rates spread over [0, 1]
