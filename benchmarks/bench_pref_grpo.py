@@ -1,6 +1,6 @@
 """Speed and memory of the Pref-GRPO training step, measured as ratios on the tiny random FLUX in one run.
 
-    python bench_pref_grpo.py [--out runs/bench_pref_grpo.json] [--threads 1] [trainer flags]
+    python benchmarks/bench_pref_grpo.py [--out runs/bench_pref_grpo.json] [--threads 1] [trainer flags]
 
 1. rollouts: all G images of all prompts in one transformer call per step (`rollout`, as training does) vs one image
    at a time (one `rollout` call per image, as the official code loops), images/s from the same noise and prompts;
@@ -13,18 +13,24 @@
 
 Every timing is the median of --repeats rounds; the variants compared with each other run interleaved, round by
 round, so that load from other processes hits them alike. Prints a table and writes JSON (--out). 3-4 minutes on
-2 CPU cores. Flags it does not know go to the trainer's parser (defaults here: 64 px, 2 prompts x G = 8, 8 steps).
+2 CPU cores. Flags it does not know go to the trainer's parser (defaults here: --model tiny, 64 px, 2 prompts x G = 8,
+8 sampling steps; the trainer trains a random 60% of each trajectory's transitions, the last one excluded).
 
 On a GPU, `--model flux-random` is FLUX.1-dev's transformer and VAE with random weights (speed does not depend on the
 weights; nothing is downloaded). Two calls of about 4-5 minutes each (an estimate):
 
-    python bench_pref_grpo.py --model flux-random --resolution 512 --rollout-resolutions 256,512 --mem-resolution 512 \
-        --sample-steps 6 --prompts-per-step 2 --group-size 4 --train-batch-size 2 --repeats 2 \
+    python benchmarks/bench_pref_grpo.py --model flux-random --resolution 512 --rollout-resolutions 256,512 \
+        --mem-resolution 512 --sample-steps 6 --prompts-per-step 2 --group-size 4 --train-batch-size 2 --repeats 2 \
         --sections rollouts,overhead,skipping --out runs/bench_gpu_a.json
-    python bench_pref_grpo.py ...the same... --sections memory,window --out runs/bench_gpu_b.json
+    python benchmarks/bench_pref_grpo.py ...the same... --sections memory,window --out runs/bench_gpu_b.json
 """
 
-import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pref_grpo.py lives in the repo root
+
+import argparse  # noqa: E402
 import dataclasses
 import json
 import multiprocessing
@@ -124,10 +130,10 @@ def full_step(pipe, params, optimizer, prompts, step, args, device) -> dict:
     sync(device)
     t0 = time.perf_counter()
     batch = pg.sample_batch(pipe, prompts, step, args, device)
-    images = pg.decode(pipe, batch["latents"][:, -1], args.resolution)
-    pref, _ = pg.judge_groups(pg.toy_judge, prompts, images, args.group_size)
-    adv = pg.group_advantages(pg.win_rates(pref), args.adv_clip).flatten()
-    pg.train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)
+    images = pg.decode(pipe, batch["x0"], args.resolution)
+    pref, _ = pg.judge_groups(pg.colour_judge, prompts, images, args.group_size, args.judge_order)
+    adv = pg.group_advantages([pg.win_rates(pref)], [args.pref_weight], args.adv_clip).flatten()
+    pg.train_step(pipe, params, optimizer, batch, adv, args)
     sync(device)
     return {"seconds": time.perf_counter() - t0,
             "skipped_groups": int((adv.view(-1, args.group_size) == 0).all(1).sum())}
@@ -148,14 +154,16 @@ def parts(pipe, params, optimizer, prompts, args, device) -> dict:
     x = batch["latents"].to(pipe.transformer.dtype)
     cond, img_ids, sigmas = batch["cond"], batch["img_ids"], batch["sigmas"]
     timesteps = [torch.full((n,), float(s), device=device) for s in sigmas[:-1]]
+    sigma_rows = sigmas.to(device)
     guidance = torch.full((n,), args.guidance, device=device) if pipe.transformer.config.guidance_embeds else None
     side = args.resolution // pipe.vae_scale_factor
     z = torch.randn(n, pipe.vae.config.latent_channels, side, side, device=device, dtype=pipe.vae.dtype)
     with torch.no_grad():
         decoded = pipe.vae.decode(z).sample
-    images = pg.decode(pipe, batch["latents"][:, -1], args.resolution)
+    images = pg.decode(pipe, batch["x0"], args.resolution)
     G = args.group_size
-    pairs = [(g * G + i, g * G + j, prompts[g]) for g in range(len(prompts)) for i in range(G) for j in range(i + 1, G)]
+    pairs = [(g * G + a, g * G + b, prompts[g]) for g in range(len(prompts))
+             for a, b in pg.pair_schedule(G, args.judge_order)]
     pair_prompts = [p for _, _, p in pairs]
     images_a, images_b = [images[a] for a, _, _ in pairs], [images[b] for _, b, _ in pairs]
 
@@ -169,26 +177,32 @@ def parts(pipe, params, optimizer, prompts, args, device) -> dict:
         pipe.vae.decode(z)
 
     def judge():
-        pg.toy_judge(pair_prompts, images_a, images_b)
+        pg.colour_judge(pair_prompts, images_a, images_b)
 
-    chunks = torch.arange(n).split(args.train_batch_size or n)  # the micro-batches train_step uses
+    # train_step's updates: chunks of --accum trajectories, each cut into micro-batches of --train-batch-size; every
+    # trajectory trains its own k steps (batch["trained"] is (n, k)), the j-th of them in the j-th pass
+    updates = [c.split(args.train_batch_size or len(c)) for c in torch.arange(n).split(args.accum or n)]
 
     def train_forward_backward():
-        pipe.transformer.train()
-        for j in trained:
-            for idx in chunks:
-                out = transformer_forward(pipe, x[idx, j], timesteps[j][idx],
-                                          None if guidance is None else guidance[idx], pg.select(cond, idx), img_ids)
-                out.float().square().mean().backward()
-        pipe.transformer.eval()
-        # Timed apart, inside this round: the optimizer update on the gradients just made, then cleared.
-        sync(device)
-        start = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        return {"optimizer": time.perf_counter() - start}
+        optimizer_s = 0.0
+        for micro in updates:
+            pipe.transformer.train()
+            for j in range(trained.shape[1]):
+                for idx in micro:
+                    t = trained[idx, j]
+                    out = transformer_forward(pipe, x[idx, t], sigma_rows[t], None if guidance is None else
+                                              guidance[idx], pg.select(cond, idx), img_ids)
+                    out.float().square().mean().backward()
+            pipe.transformer.eval()
+            # Timed apart, inside this round: the optimizer update on the gradients just made, then cleared.
+            sync(device)
+            start = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync(device)
+            optimizer_s += time.perf_counter() - start
+        return {"optimizer": optimizer_s}
 
     def encode_prompts():
         pg.encode_prompts(pipe, prompts, args.max_sequence_length)
@@ -206,7 +220,7 @@ def parts(pipe, params, optimizer, prompts, args, device) -> dict:
 def bench_rollouts(pipe, args, resolution, repeats, device) -> dict:
     """Images/s of one batched rollout over all images vs one rollout call per image, same noise and conditioning."""
     args = dataclasses.replace(args, resolution=resolution)
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     n = len(prompts) * args.group_size
     seq_len, img_ids = pg.latent_geometry(pipe, resolution)
     sigmas = pg.sigma_schedule(pipe, args.sample_steps, seq_len, args.shift)
@@ -231,7 +245,7 @@ def bench_rollouts(pipe, args, resolution, repeats, device) -> dict:
 
 def bench_overhead(pipe, params, optimizer, args, repeats, device) -> dict:
     """Full step vs the sum of its core parts; the difference is split into the glue parts measured alone."""
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     fns = parts(pipe, params, optimizer, prompts, args, device)
     skipped = []
 
@@ -260,18 +274,18 @@ def bench_overhead(pipe, params, optimizer, args, repeats, device) -> dict:
 def bench_skipping(pipe, params, optimizer, args, repeats, device) -> dict:
     """train_step on one batch: every group trained vs the first half of the groups zero-advantage (skipped); the full
     step runs in the same rounds, for the share of it that the skipped groups' training would have cost."""
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     batch = pg.sample_batch(pipe, prompts, 0, args, device)
     rewards = torch.rand(len(prompts), args.group_size, generator=torch.Generator().manual_seed(0))
-    adv_all = pg.group_advantages(rewards, args.adv_clip).flatten()
+    adv_all = pg.group_advantages([rewards], [1.0], args.adv_clip).flatten()
     adv_half = adv_all.clone()
     adv_half[:len(prompts) // 2 * args.group_size] = 0
 
     def none_zeroed():
-        pg.train_step(pipe, params, optimizer, batch, adv_all, batch["trained"], args)
+        pg.train_step(pipe, params, optimizer, batch, adv_all, args)
 
     def half_zeroed():
-        pg.train_step(pipe, params, optimizer, batch, adv_half, batch["trained"], args)
+        pg.train_step(pipe, params, optimizer, batch, adv_half, args)
 
     def step():
         full_step(pipe, params, optimizer, prompts, 0, args, device)
@@ -286,7 +300,7 @@ def bench_skipping(pipe, params, optimizer, args, repeats, device) -> dict:
 
 def bench_window(pipe, params, optimizer, args, repeats, device, settings) -> list[dict]:
     """Full step time per (--sde-window, --train-fraction)."""
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     variants = {f"{w},{f}": dataclasses.replace(args, sde_window=w, train_fraction=f) for w, f in settings}
 
     def step(a):
@@ -298,8 +312,10 @@ def bench_window(pipe, params, optimizer, args, repeats, device, settings) -> li
     base = t[next(iter(variants))]
     rows = []
     for key, a in variants.items():
-        _, trained = pg.step_plan(a.sample_steps, a.sde_window, a.train_fraction, torch.Generator().manual_seed(0))
-        rows.append({"sde_window": a.sde_window, "train_fraction": a.train_fraction, "trained_steps": len(trained),
+        _, trained = pg.step_plan(a.sample_steps, a.sde_window, a.train_fraction, [torch.Generator().manual_seed(0)],
+                                  a.group_size, torch.Generator().manual_seed(0))
+        rows.append({"sde_window": a.sde_window, "train_fraction": a.train_fraction,
+                     "trained_steps": trained.shape[1],
                      "step_s": t[key], "vs_first": t[key] / base})
     return rows
 
@@ -323,11 +339,11 @@ def memory_child(args, flux_layers, checkpointing, threads, queue):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     batch = pg.sample_batch(pipe, prompts, 0, args, device)
-    adv = pg.group_advantages(torch.rand(len(prompts), args.group_size, generator=torch.Generator().manual_seed(0)),
-                              args.adv_clip).flatten()
-    pg.train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)  # warm-up: optimizer state exists now
+    adv = pg.group_advantages([torch.rand(len(prompts), args.group_size, generator=torch.Generator().manual_seed(0))],
+                              [1.0], args.adv_clip).flatten()
+    pg.train_step(pipe, params, optimizer, batch, adv, args)  # warm-up: optimizer state exists now
 
     def status(key):  # kB
         with open("/proc/self/status") as f:
@@ -341,7 +357,7 @@ def memory_child(args, flux_layers, checkpointing, threads, queue):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter to the current RSS
         base = status("VmRSS") * 1024
-    stats = pg.train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)
+    stats = pg.train_step(pipe, params, optimizer, batch, adv, args)
     sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status("VmHWM") * 1024
     queue.put({"checkpointing": checkpointing, "base_mib": base / 2**20, "peak_increase_mib": (peak - base) / 2**20,
@@ -366,10 +382,10 @@ def bench_memory(pipe, params, optimizer, args, repeats, device, threads, flux_l
         rows.append(queue.get(timeout=900))
         child.join()
 
-    prompts = pg.TOY_PROMPTS[:args.prompts_per_step]
+    prompts = pg.TINY_PROMPTS[:args.prompts_per_step]
     batch = pg.sample_batch(pipe, prompts, 0, args, device)
-    adv = pg.group_advantages(torch.rand(len(prompts), args.group_size, generator=torch.Generator().manual_seed(0)),
-                              args.adv_clip).flatten()
+    adv = pg.group_advantages([torch.rand(len(prompts), args.group_size, generator=torch.Generator().manual_seed(0))],
+                              [1.0], args.adv_clip).flatten()
 
     def step(checkpointing):
         def run():
@@ -377,7 +393,7 @@ def bench_memory(pipe, params, optimizer, args, repeats, device, threads, flux_l
                 pipe.transformer.enable_gradient_checkpointing()
             else:
                 pipe.transformer.disable_gradient_checkpointing()
-            pg.train_step(pipe, params, optimizer, batch, adv, batch["trained"], args)
+            pg.train_step(pipe, params, optimizer, batch, adv, args)
         return run
 
     was_on = pipe.transformer.is_gradient_checkpointing
@@ -421,7 +437,7 @@ def table(r: dict) -> list[str]:
                   "   (overhead per round: {:.3f} .. {:.3f} s; fastest step vs fastest parts: {:.0f}%)".format(
                       *o["overhead_s_range"], o["overhead_fastest_pct"])]
         for k, label in [("sample_forwards", f"transformer forwards, sampling ({a['sample_steps']})"),
-                         ("vae_decode", "VAE decode"), ("judge", "toy judge"),
+                         ("vae_decode", "VAE decode"), ("judge", "colour judge"),
                          ("train_forward_backward", "forward+backward, trained steps"),
                          ("encode_prompts", "  overhead: text encoders (encode_prompts)"),
                          ("optimizer", "  overhead: grad clip + AdamW step"),
@@ -457,7 +473,7 @@ def table(r: dict) -> list[str]:
     return lines
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], allow_abbrev=False,
         epilog="Any other flag is a trainer flag (pref_grpo.py --help): --model, --device, --resolution, --group-size, "
@@ -470,12 +486,13 @@ def main():
     parser.add_argument("--mem-resolution", type=int, default=128, help="px, for measurement 4")
     parser.add_argument("--repeats", type=int, default=5, help="rounds per timing (the median is reported)")
     parser.add_argument("--flux-layers", default="19,38", help="flux-random's double,single blocks (FLUX.1-dev: 19,38)")
-    bench, rest = parser.parse_known_args()
+    bench, rest = parser.parse_known_args(argv)
     sections = bench.sections.split(",")
     if set(sections) - set(SECTIONS):
         parser.error(f"--sections: unknown {sorted(set(sections) - set(SECTIONS))}")
     # The benchmark's defaults first, so that the trainer flags given on the command line win.
-    args = pg.parse_args(["--resolution", "64", "--prompts-per-step", "2", "--group-size", "8", "--sample-steps", "8",
+    args = pg.parse_args(["--model", "tiny", "--resolution", "64", "--prompts-per-step", "2", "--group-size", "8",
+                          "--sample-steps", "8",
                           *rest])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args = dataclasses.replace(args, device=str(device))
@@ -517,6 +534,7 @@ def main():
     with open(bench.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {bench.out}")
+    return result
 
 
 if __name__ == "__main__":

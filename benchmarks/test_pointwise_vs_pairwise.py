@@ -1,4 +1,4 @@
-"""Tests for pointwise_vs_pairwise.py: the toy judges' properties, and one tiny run of the script's entry point."""
+"""Tests for benchmarks/pointwise_vs_pairwise.py: the toy judges' properties, and one tiny run of its entry point."""
 
 import json
 
@@ -30,7 +30,7 @@ def random_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def test_ground_truth_does_not_see_contrast_but_the_opinion_does():
     plain, contrasty = flat((180, 60, 60)), checker((180, 60, 60), 50)
-    assert pg.toy_colour_distance(PROMPT, plain) == pytest.approx(pg.toy_colour_distance(PROMPT, contrasty))
+    assert pg.colour_distance(PROMPT, plain) == pytest.approx(pg.colour_distance(PROMPT, contrasty))
     assert pvp.contrast(plain) == pytest.approx(0, abs=1e-12) and pvp.contrast(contrasty) == pytest.approx(50 / 255)
     gap = pvp.opinion(PROMPT, contrasty, 1.0, "contrast") - pvp.opinion(PROMPT, plain, 1.0, "contrast")
     assert gap == pytest.approx(50 / 255)
@@ -40,7 +40,7 @@ def test_ground_truth_does_not_see_contrast_but_the_opinion_does():
 def test_brightness_flaw_at_weight_one_rates_yellow_as_high_as_red():
     red, yellow = flat((255, 0, 0)), flat((255, 255, 0))
     assert pvp.brightness(red) == pytest.approx(0.299) and pvp.brightness(yellow) == pytest.approx(0.886)
-    assert pg.toy_colour_distance(PROMPT, red) == 0 and pg.toy_colour_distance(PROMPT, yellow) == pytest.approx(1)
+    assert pg.colour_distance(PROMPT, red) == 0 and pg.colour_distance(PROMPT, yellow) == pytest.approx(1)
     assert pvp.opinion(PROMPT, yellow, 1.0, "brightness") == pytest.approx(pvp.opinion(PROMPT, red, 1.0, "brightness"),
                                                                            abs=0.02)
     assert pvp.opinion(PROMPT, yellow, 0.5, "brightness") < pvp.opinion(PROMPT, red, 0.5, "brightness") - 0.2
@@ -77,7 +77,7 @@ def test_both_judges_share_the_flaw_and_its_weight(flaw, worse, better):
     scorer, judge = pvp.make_pointwise_scorer(flaw=flaw), pvp.make_pairwise_judge(flaw=flaw)
     assert scorer.flaw_weight == judge.flaw_weight == pvp.FLAW_WEIGHT > 0 and scorer.flaw == judge.flaw == flaw
     worse, better = (flat(x) if isinstance(x, tuple) else x for x in (worse, better))
-    assert pg.toy_colour_distance(PROMPT, worse) == pytest.approx(pg.toy_colour_distance(PROMPT, better), abs=1e-3)
+    assert pg.colour_distance(PROMPT, worse) == pytest.approx(pg.colour_distance(PROMPT, better), abs=1e-3)
     (s_worse, s_better), _ = scorer([PROMPT] * 2, [worse, better])
     assert s_better > s_worse  # the gaps are far above the noise
     assert judge([PROMPT], [better], [worse])[0] == [1.0]
@@ -125,7 +125,8 @@ def test_entry_point_two_steps_writes_the_plot_and_summary(tmp_path):
         assert im.width == 1200 and im.height > 600
     for reward in ("pairwise", "pointwise"):
         rows = (tmp_path / "runs" / f"{reward}-seed0" / "metrics.jsonl").read_text().splitlines()
-        assert len(rows) == 2 and {"toy_opinion", "toy_flaw", "toy_flipped"} <= set(json.loads(rows[0]))
+        logged = set(json.loads(rows[0]))
+        assert len(rows) == 2 and {"toy_opinion", "toy_flaw", "toy_flipped", "colour_distance"} <= logged
     pointwise_std = summary["rewards"]["pointwise"]["train_reward_group_std_last2"]["mean"]
     pairwise_std = summary["rewards"]["pairwise"]["train_reward_group_std_last2"]["mean"]
     assert pointwise_std < 0.01 < pairwise_std  # the narrow band vs win rates spread over [0, 1]

@@ -1,14 +1,14 @@
 """Pointwise vs pairwise reward on the tiny offline model: a miniature of Pref-GRPO's "illusory advantage" experiment.
 
-    python pointwise_vs_pairwise.py        # 2 rewards x 3 seeds x 120 steps, 2 processes: 4-9 min on 2 CPU cores
+    python benchmarks/pointwise_vs_pairwise.py   # 2 rewards x 3 seeds x 120 steps, 2 processes: minutes on 2 CPU cores
 
 writes docs/pointwise_vs_pairwise.png (curves over steps + held-out samples), and under runs/pointwise_vs_pairwise/
 one run directory per (reward, seed) (metrics.jsonl, sample grids, eval/) and summary.json. Quick look:
 
-    python pointwise_vs_pairwise.py --seeds 1 --steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
-    python pointwise_vs_pairwise.py --plot-only       # redraw the plot and summary.json from finished runs
+    python benchmarks/pointwise_vs_pairwise.py --seeds 1 --steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
+    python benchmarks/pointwise_vs_pairwise.py --plot-only   # redraw the plot and summary.json from finished runs
 
-The toy (the README section "Pointwise vs pairwise" says it at length; it is a toy, not evidence about real reward models):
+The toy (the README section "Pointwise vs pairwise" says it at length; a toy, not evidence about real reward models):
   * one judge opinion per image:  q = closeness to the prompt's colour + FLAW_WEIGHT * flaw(image),
     closeness = 1 - colour_distance / sqrt(3) in [0, 1]; the flaw (`--flaw`) is brightness (mean luminance, the
     default: the analogue of over-saturated images that score well) or contrast (pixel std).
@@ -18,11 +18,17 @@ The toy (the README section "Pointwise vs pairwise" says it at length; it is a t
   * pairwise judge (the default reward): sees two images side by side and says which is better, from the same opinion
     q with the same flaw weight, but less noise (std PAIR_NOISE per image, fresh for every pair). Assumption: a
     relative judgment is less noisy than an absolute one.
-  * ground truth, which neither judge sees: the colour distance (`pref_grpo.toy_colour_distance`), and the flaw
+  * ground truth, which neither judge sees: the colour distance (`pref_grpo.colour_distance`), and the flaw
     feature staying near its starting level.
+The policy is the trainer's `--model tiny` (a random tiny FLUX) with its `demo` preset, at 16 px.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pref_grpo.py lives in the repo root
 
 import argparse
 import contextlib
@@ -31,10 +37,8 @@ import json
 import math
 import os
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -61,7 +65,7 @@ def closeness(prompt: str, image: Image.Image) -> float:
     """1 - colour distance / sqrt(3): 1 when the mean colour is the prompt's colour, 0 at the opposite corner."""
     import pref_grpo as pg
 
-    return 1 - pg.toy_colour_distance(prompt, image) / math.sqrt(3)
+    return 1 - pg.colour_distance(prompt, image) / math.sqrt(3)
 
 
 def contrast(image: Image.Image) -> float:
@@ -94,9 +98,12 @@ def image_stats(prompts, images, flaw_weight: float, flaw: str) -> dict:
     seen = {}
     for p, im in zip(prompts, images):
         seen.setdefault(id(im), (p, im))
+    import pref_grpo as pg
+
     q = [opinion(p, im, flaw_weight, flaw) for p, im in seen.values()]
     f = [FLAWS[flaw][0](im) for _, im in seen.values()]
-    return {"toy_opinion": float(np.mean(q)), "toy_flaw": float(np.mean(f))}
+    d = [pg.colour_distance(p, im) for p, im in seen.values()]
+    return {"toy_opinion": float(np.mean(q)), "toy_flaw": float(np.mean(f)), "colour_distance": float(np.mean(d))}
 
 
 def against_opinion(reward_gap: float, opinion_gap: float) -> float:
@@ -179,7 +186,8 @@ def run_one(task: dict) -> dict:
     run_dir = Path(task["dir"])
     shutil.rmtree(run_dir, ignore_errors=True)  # train() appends to metrics.jsonl: start clean
     run_dir.mkdir(parents=True)
-    args = pg.parse_args(["--reward", task["reward"], "--seed", str(task["seed"]), "--output-dir", str(run_dir),
+    args = pg.parse_args(["--model", "tiny", "--reward", task["reward"], "--seed", str(task["seed"]),
+                          "--output-dir", str(run_dir),
                           "--train-steps", str(task["steps"]), "--resolution", str(task["resolution"]),
                           "--sample-every", str(task["steps"]), "--save-every", str(task["steps"]), "--device", "cpu"])
     judge = (make_pairwise_judge(task["flaw_weight"], task["pair_noise"], task["flaw"]) if task["reward"] == "pairwise"
@@ -195,10 +203,17 @@ def collect(task: dict) -> dict:
     run_dir = Path(task["dir"])
     if not (run_dir / "eval" / "eval.json").is_file():
         raise SystemExit(f"error: {run_dir} has no finished run (eval/eval.json)")
+    import pref_grpo as pg
+
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
-    for which, key in (("before", "flaw_initial"), ("after", "flaw_final")):
+    args = json.loads((run_dir / "args.json").read_text())  # the held-out images: eval prompts x eval seeds, in order
+    prompts = [p for p in pg.TINY_PROMPTS[:args["eval_count"]] for _ in range(args["eval_seeds"])]
+    for which, when in (("before", "initial"), ("after", "final")):
         images = [Image.open(f) for f in sorted((run_dir / "eval" / which).glob("*.png"))]
-        result[key] = float(np.mean([FLAWS[task["flaw"]][0](im) for im in images]))
+        assert len(images) == len(prompts), (run_dir, which)
+        result[f"flaw_{when}"] = float(np.mean([FLAWS[task["flaw"]][0](im) for im in images]))
+        result[f"colour_distance_{when}"] = float(np.mean([pg.colour_distance(p, im)
+                                                           for p, im in zip(prompts, images)]))
     return {**task, **result}
 
 
@@ -345,8 +360,8 @@ def draw_plot(results: list[dict], cfg: argparse.Namespace, path: Path) -> None:
                         f"pairwise noise {cfg.pair_noise} per image per comparison\n\n"
                         "a toy: not evidence about real reward models", fill="black")
     y = 28 + 2 * PH + 8
-    d.text((10, y), "held-out images (prompts and seeds never trained on): the initial policy, then each final policy",
-           fill="black")
+    d.text((10, y), "held-out images (seeds never trained on; the tiny model's prompts are its training prompts): the "
+                    "initial policy, then each final policy", fill="black")
     y += 20
     for label, strip in strips:
         d.text((8, y + strip.height // 2 - 6), label, fill=COLOURS.get(label.split()[0], (0, 0, 0)))
@@ -407,5 +422,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()
