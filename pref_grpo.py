@@ -1481,8 +1481,9 @@ def train(args: Args, judge=None) -> dict:
               f"{' (overridden: ' + ', '.join(overrides) + ')' if overrides else ''} | model {args.model} | "
               f"{'full' if args.full else 'LoRA'} {sum(p.numel() for p in params) / 1e6:.2f}M trainable | "
               f"{world} process(es){', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge "
-              f"{args.judge_model} ({args.judge_order} order; judge_order_disagree is measured with `both` only) | "
-              f"rounds {start}->{args.train_steps}")
+              f"{args.judge_model} ({args.judge_order} order) | rounds {start}->{args.train_steps}")
+        if args.judge_order != "both":
+            print("judge_order_disagree is measured only with --judge-order both")
     wandb = start_wandb(args, run_dir, config) if main and args.wandb_project else None
 
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",

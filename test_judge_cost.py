@@ -173,9 +173,6 @@ def test_judge_first_preferred_reflects_the_bias_in_every_order(order, bias):
     assert ("judge_order_disagree" in info) == (order == "both")
 
 
-@pytest.mark.xfail(strict=True, reason="pref_grpo.judge_groups pairs the first half of ALL requests with the second "
-                   "half, so judge_order_disagree is right only when one call judges one group (the official 1 prompt "
-                   "per process); the requests are group by group, each group's pairs then their reverses")
 def test_judge_order_disagree_is_right_for_several_groups_in_one_call():
     def consistent(prompts, firsts, seconds):
         return [float(a > b) for a, b in zip(firsts, seconds)], {}
