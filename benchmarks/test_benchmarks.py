@@ -2,11 +2,16 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import bench_judge
 import bench_pref_grpo
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_order_simulation_balanced_costs_the_official_price_and_cancels_most_of_its_position_offsets():
@@ -67,3 +72,17 @@ def test_bench_pref_grpo_memory_section_runs_in_fresh_processes(tmp_path):
     off, on = json.loads(out.read_text())["memory"]
     assert (off["checkpointing"], on["checkpointing"]) == (False, True)
     assert off["grad_norm"] == pytest.approx(on["grad_norm"], rel=1e-4)  # the same step, with and without
+
+
+def test_bench_pref_grpo_takes_a_hub_id_as_a_user_types_it(hub_cache, tmp_path):
+    """`--model black-forest-labs/FLUX.1-dev` through the command line, from an offline cache holding a tiny model."""
+    from conftest import HUB_IDS, offline_env
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_pref_grpo.py", "--model", HUB_IDS["flux"], "--sections",
+                        "rollouts", "--repeats", "1", "--resolution", "16", "--rollout-resolutions", "16",
+                        "--sample-steps", "2", "--group-size", "2", "--max-sequence-length", "16", "--out", str(out)],
+                       cwd=ROOT, env=offline_env(hub_cache), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["args"]["model"] == HUB_IDS["flux"] and result["rollouts"][0]["images"] == 4
