@@ -66,17 +66,6 @@ def simulated_judge(kind: str, bias: float, sharpness: float, noise: float, rng:
     return judge
 
 
-def order_disagree(p_first: list, groups: int) -> float:
-    """The share of pairs whose two orders prefer different images, from judge_groups' requests in `both` order
-    (group by group: the group's pairs in one order, then the same pairs in the other). Computed here because
-    pref_grpo's judge_order_disagree pairs the first half of ALL requests with the second half, which is right only
-    for a call with one group (see test_judge_cost.py)."""
-    m = len(p_first) // groups // 2
-    pairs = [(p_first[k], p_first[k + m]) for g in range(groups) for k in range(2 * m * g, 2 * m * g + m)]
-    pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-    return sum((x - 0.5) * (0.5 - y) < 0 for x, y in pairs) / max(len(pairs), 1)
-
-
 def position_error(est: torch.Tensor, ref: torch.Tensor) -> dict:
     """RMSE over all (group, position) entries, and the std over positions of the mean error at each position."""
     err = (est - ref).double()
@@ -101,19 +90,13 @@ def simulate(groups: int = 1000, G: int = 8, kinds=("hard", "soft"), biases: dic
             for order in ORDERS:
                 stream = [seed, ("hard", "soft").index(kind), round(b * 1000), ORDERS.index(order)]
                 judge = simulated_judge(kind, b, sharpness, noise, np.random.default_rng(stream))
-                prefs, first, disagree, seen = [], [], [], []
-
-                def recording(prompts, firsts, seconds, judge=judge):
-                    p, info = judge(prompts, firsts, seconds)
-                    seen.append(p)
-                    return p, info
-
+                prefs, first, disagree = [], [], []
                 for s in range(0, groups, chunk):  # judge_groups takes any number of groups; chunks bound memory
                     n = min(chunk, groups - s)
-                    pref, info = pg.judge_groups(recording, [""] * n, q[s:s + n].ravel().tolist(), G, order)
+                    pref, info = pg.judge_groups(judge, [""] * n, q[s:s + n].ravel().tolist(), G, order)
                     prefs.append(pref)
                     first.append(info["judge_first_preferred"] * n)
-                    disagree.append(order_disagree(seen[-1], n) * n if order == "both" else float("nan"))
+                    disagree.append(info.get("judge_order_disagree", float("nan")) * n)
                 w = pg.win_rates(torch.cat(prefs))
                 adv = pg.group_advantages([w], [1.0])
                 rows.append({"judge": kind, "bias": b, "order": order,

@@ -33,12 +33,6 @@ def test_order_simulation_balanced_costs_the_official_price_and_cancels_most_of_
         assert r["win_offset_spread"] < 4 * r["win_offset_noise"]
 
 
-def test_order_disagree_pairs_each_request_with_its_reverse_group_by_group():
-    # two groups of 2 images: the pair in one order, then reversed; group 0 agrees, group 1 disagrees
-    assert bench_judge.order_disagree([1.0, 0.0, 1.0, 1.0], 2) == 0.5
-    assert bench_judge.order_disagree([0.9, 0.2, None, 0.3], 2) == 0.0
-
-
 def test_bench_judge_tiny_run_counts_requests_and_tokens(tmp_path):
     out = tmp_path / "judge.json"
     result = bench_judge.main(["--groups", "20", "--latency", "0.01", "--reply-tokens", "40", "--server-groups", "1",
