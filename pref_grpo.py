@@ -129,8 +129,8 @@ class Args:
     """reply length limit in generate mode (official: 2048)"""
     judge_image_size: int = 0
     """shrink images to this longer side before judging; 0: their own size (official)"""
-    judge_workers: int = 16
-    """requests in flight at once to the reward server"""
+    judge_workers: int = 32
+    """requests in flight at once to the reward server (32: a group of 8's 28 requests go out in one wave)"""
     judge_timeout: float = 300.0
     """seconds per request before it is retried"""
     judge_retries: int = 10
