@@ -921,12 +921,12 @@ def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: 
                                      "attempts": sum(r[1] for r in results), "errors": errors}
 
 
-def load_local_vlm(name: str, device=None, dtype=None) -> tuple:
+def load_local_vlm(name: str, device=None, dtype=None, what: str = "--judge-model") -> tuple:
     """(model, processor) of a Qwen-VL checkpoint (hub id or folder), eval mode, left padding for batching."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    check_model_name(name, "the judge")
+    check_model_name(name, what)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)).to(device).eval()
@@ -935,7 +935,7 @@ def load_local_vlm(name: str, device=None, dtype=None) -> tuple:
         except ImportError:  # no torchvision: the video half cannot load, and judging images does not need it
             processor = image_only_processor(name, model.config.model_type)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        sys.exit(hub_error(name, err, "the judge"))
+        sys.exit(hub_error(name, err, what))
     processor.tokenizer.padding_side = "left"  # batched generation appends on the right
     return model, processor
 

@@ -828,9 +828,12 @@ def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
 
 
 def test_unknown_or_gated_hub_ids_are_one_line_errors_saying_what_to_do(hub_cache, tmp_path):
-    r = run_cli("--model", "black-forest-labs/FLUX.1-nope", "--judge-model", "colour", "--prompts",
-                str(ROOT / "prompts.jsonl"), "--output-dir", str(tmp_path / "r"), env=offline_env(hub_cache))
-    one_line_error(r, "FLUX.1-nope", "hf download")
+    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope", "--judge-model", "colour"], "--model"),
+                           (["--model", "tiny", "--judge-model", "CodeGoat24/nope"], "--judge-model"),
+                           (["--model", "tiny", "--clip-model", "apple/nope", "--clip-weight", "1"], "--clip-model")]:
+        r = run_cli(*flags, "--prompts", str(ROOT / "prompts.jsonl"), "--output-dir", str(tmp_path / "r"),
+                    env=offline_env(hub_cache))
+        one_line_error(r, culprit, "nope", "hf download")
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     def hub_failure(kind, text):  # the hub library's own error classes, without a network round trip

@@ -370,7 +370,7 @@ def local_judge(vlm, *, max_tokens: int = 4096):
     """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
     import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
 
-    model = pref_grpo.load_local_vlm(vlm) if isinstance(vlm, str) else vlm
+    model = pref_grpo.load_local_vlm(vlm, what="--judge-local") if isinstance(vlm, str) else vlm
 
     def judge(requests):
         return [(r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests], max_tokens=max_tokens)]
