@@ -8,6 +8,9 @@ from pathlib import Path
 # made a tiny training round 70x slower (45 s against 0.6 s). Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import json  # noqa: E402
+from http.server import BaseHTTPRequestHandler  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -104,3 +107,18 @@ def hub_cache(tmp_path_factory) -> Path:
 def offline_env(cache: Path) -> dict:
     """The environment of a user whose cache holds the models and who has no network."""
     return {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache.parent / "hf-home")}
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """The base of the tests' OpenAI-compatible servers on 127.0.0.1: quiet, and a JSON (or raw bytes) reply."""
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, code, obj, reason=None):
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(code, reason)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -7,7 +7,7 @@ import io
 import json
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import pref_grpo as pg
+from conftest import JSONHandler
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
            (255, 255, 255)]  # image i of a group is PALETTE[i]: far apart, so JPEG cannot confuse them
@@ -36,17 +37,9 @@ class Recorder:
         self.policy, self.requests, self.lock = policy, [], threading.Lock()
         recorder = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def reply(self, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_json(200, obj)
 
             def do_GET(self):
                 self.reply({"data": [{"id": "UnifiedReward"}]})

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import pref_grpo as pg
-from conftest import HUB_IDS, offline_env, tiny_vlm
+from conftest import HUB_IDS, JSONHandler, offline_env, tiny_vlm
 
 ROOT = Path(__file__).resolve().parent
 PROTOCOLS = ROOT.parent / "shared" / "judge-protocols"
@@ -317,18 +317,7 @@ class ScriptedServer:
         self.script, self.auth, self.payloads, self.lock = {}, [], [], threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send_json(self, code, obj, reason=None):
-                body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-                self.send_response(code, reason)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 auth = self.headers.get("Authorization", "")
                 with server.lock:

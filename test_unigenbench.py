@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import unigenbench as ugb
-from conftest import HUB_IDS, offline_env
+from conftest import HUB_IDS, JSONHandler, offline_env
 
 HERE = Path(__file__).parent
 DATA = HERE.parent / "shared" / "unigenbench-data"
@@ -302,20 +302,12 @@ def test_report_rejects_malformed_results(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ end to end: judge server
-class FakeJudge(BaseHTTPRequestHandler):
+class FakeJudge(JSONHandler):
     """OpenAI chat completions on 127.0.0.1 under /v1 (anything else: 404). `behaviour(text) -> reply text or HTTP
     status` is set per test; `served` is what /v1/models lists."""
 
-    def log_message(self, *args):
-        pass
-
     def send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, body)
 
     def do_GET(self):
         if self.path != "/v1/models":
