@@ -9,7 +9,8 @@ from pathlib import Path
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import json  # noqa: E402
-from http.server import BaseHTTPRequestHandler  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -122,3 +123,17 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving `handler`; `url` ends in /v1, like vLLM's."""
+
+    def __init__(self, handler):
+        ThreadingHTTPServer.request_queue_size = 64  # the default backlog of 5 drops concurrent connections
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -7,7 +7,6 @@ import io
 import json
 import threading
 from collections import Counter
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 import pref_grpo as pg
-from conftest import JSONHandler
+from conftest import JSONHandler, LocalServer
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
            (255, 255, 255)]  # image i of a group is PALETTE[i]: far apart, so JPEG cannot confuse them
@@ -56,13 +55,8 @@ class Recorder:
                 self.reply({"choices": [{"message": {"role": "assistant", "content": text}}],
                             "usage": {"completion_tokens": 20}})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.local = LocalServer(Handler)
+        self.url, self.close = self.local.url, self.local.close
 
 
 @pytest.fixture

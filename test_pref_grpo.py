@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 import pref_grpo as pg
-from conftest import HUB_IDS, JSONHandler, offline_env, tiny_vlm
+from conftest import HUB_IDS, JSONHandler, LocalServer, offline_env, tiny_vlm
 
 ROOT = Path(__file__).resolve().parent
 PROTOCOLS = ROOT.parent / "shared" / "judge-protocols"
@@ -359,14 +358,8 @@ class ScriptedServer:
                 except OSError:
                     pass  # the client gave up on a slow reply
 
-        ThreadingHTTPServer.request_queue_size = 64
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.local = LocalServer(Handler)
+        self.url, self.close = self.local.url, self.local.close
 
 
 @pytest.fixture
