@@ -65,8 +65,8 @@ def test_accuracy_counts_each_kind_over_the_prompts_that_require_it():
 def test_judge_prefers_the_image_meeting_more_requirements_ties_equal_and_is_symmetric():
     prompt = "two yellow triangles"
     right = tw.draw_scene(prompt, 0)
-    one_wrong = tw.draw_scene("three yellow triangles", 1)  # count wrong only
-    two_wrong = tw.draw_scene("three yellow squares", 2)    # count and shape wrong
+    one_wrong = tw.draw_scene("a yellow triangle", 1)  # count wrong only
+    two_wrong = tw.draw_scene("a yellow square", 2)    # count and shape wrong
     other_right = tw.draw_scene(prompt, 7)
     blank = Image.new("RGB", (32, 32), tw.BACKGROUND)
     a = [right, one_wrong, right, right, blank, one_wrong]
@@ -76,6 +76,12 @@ def test_judge_prefers_the_image_meeting_more_requirements_ties_equal_and_is_sym
     reverse, _ = tw.judge([prompt] * len(a), b, a)
     assert [p + q for p, q in zip(probs, reverse)] == [1.0] * len(a)
     assert all(isinstance(v, (int, float)) for v in info.values())
+
+
+def test_scorer_is_the_share_of_requirements_met():
+    images = [tw.draw_scene("a red circle on the left", 0), tw.draw_scene("a red circle", 1)]
+    scores, info = tw.scorer(["a red circle on the left", "a blue circle"], images)
+    assert scores == [1.0, pytest.approx(2 / 3)] and info == {"toy_all_correct": 0.5}
 
 
 def test_judge_plugs_into_the_trainers_group_judging():
@@ -118,7 +124,7 @@ def test_pretraining_smoke_loads_through_the_trainer_and_generates(tiny_model, c
 def test_saved_tokenizer_round_trips(tiny_model):
     pipe = pg.load_pipeline(str(tiny_model), "cpu")
     fresh = tw.toy_tokenizer()
-    for prompt in ["a red circle and a green square", "three yellow triangles", "a blue square on the left", ""]:
+    for prompt in ["a red circle and a green square", "two yellow triangles", "a blue square on the left", ""]:
         assert pipe.tokenizer_2(prompt)["input_ids"] == fresh(prompt)["input_ids"]
         assert pipe.tokenizer(prompt)["input_ids"][-1] == 1  # ends with </s>, where CLIP pools
     assert pipe.tokenizer_2.model_max_length == fresh.model_max_length == 16

@@ -5,7 +5,7 @@ that checker, and a tiny FLUX pretrained on the world once (minutes on 2 CPU cor
 The world:  circles, squares and upright triangles in red, green, blue or yellow on a white background. Prompts:
   "a red circle"                      requires colour, shape, count (exactly one object)
   "a blue square on the left"         ... and side (the object's centre in the named half)
-  "two yellow triangles"              colour, shape, count (two / three)
+  "two yellow triangles"              colour, shape, count (exactly two)
   "a red circle and a green square"   colour, shape (bound to its colour), count
 TRAIN_PROMPTS and EVAL_PROMPTS are disjoint; the model is pretrained and RL-trained on TRAIN_PROMPTS only, so
 EVAL_PROMPTS measure whether what it learnt carries over to new combinations of the same words.
@@ -54,7 +54,7 @@ BACKGROUND = (255, 255, 255)
 COLOURS = {"red": (255, 0, 0), "green": (0, 204, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 SHAPES = ["circle", "square", "triangle"]
 SIDES = ["left", "right"]
-NUMBERS = {"two": 2, "three": 3}
+NUMBERS = {"two": 2}  # "three" was dropped: at 32 px three shapes are too cramped to learn in minutes
 KINDS = ["colour", "shape", "count", "side"]
 
 
@@ -99,12 +99,13 @@ def parse_prompt(prompt: str) -> Spec:
 
 
 def all_prompts() -> list[str]:
-    """Every prompt of the grammar, in a fixed order: 12 single, 24 sided, 24 counted, 72 two-colour pairs."""
+    """Every prompt of the grammar, in a fixed order: 12 single, 24 sided, 12 counted, 36 two-colour pairs."""
     single = [Spec(((c, s),)) for c in COLOURS for s in SHAPES]
     sided = [Spec(((c, s),), side) for c in COLOURS for s in SHAPES for side in SIDES]
     counted = [Spec(((c, s),) * n) for n in NUMBERS.values() for c in COLOURS for s in SHAPES]
+    names = list(COLOURS)  # one word order per pair (colours in palette order): 36 pairs, not 72
     pairs = [Spec(((c1, s1), (c2, s2))) for c1 in COLOURS for s1 in SHAPES for c2 in COLOURS for s2 in SHAPES
-             if c1 != c2 and s1 != s2]
+             if names.index(c1) < names.index(c2) and s1 != s2]
     return [prompt_text(s) for s in single + sided + counted + pairs]
 
 
@@ -146,7 +147,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, x0: int, y0: 
 def place_boxes(rng: np.random.Generator, n: int, side: str | None) -> list[tuple[int, int, int]]:
     """n non-overlapping boxes (x0, y0, size) with a 2-pixel gap, so touching shapes never merge into one blob.
     A sided box lies wholly in its half, with a margin from the middle so the side is never a judgement call."""
-    lo, hi = (9, 12) if n > 1 else (10, 13) if side else (11, 15)  # big enough to show their shape
+    lo, hi = (11, 13) if n > 1 else (12, 14) if side else (14, 18)  # big enough to show their shape
     for _ in range(1000):
         boxes = []
         for _ in range(n):
@@ -306,6 +307,14 @@ def judge(prompts: list[str], images_a: list[Image.Image], images_b: list[Image.
     return probs, info
 
 
+def scorer(prompts: list[str], images: list[Image.Image]):
+    """The pointwise twin of the judge (for --reward pointwise, the plain-GRPO baseline): each image's score is the
+    share of its prompt's requirements it meets, in [0, 1]. info: the fraction meeting every requirement."""
+    results = [check(p, im) for p, im in zip(prompts, images)]
+    scores = [sum(r.values()) / len(r) for r in results]
+    return scores, ({"toy_all_correct": sum(all(r.values()) for r in results) / len(results)} if results else {})
+
+
 # ======================================================================================================================
 # A tiny FLUX for the world: the real diffusers classes at toy size
 # ======================================================================================================================
@@ -323,7 +332,7 @@ class Settings:
     drop_prompt: float = 0.1   # share of empty prompts in pretraining, so classifier-free guidance is an option
     width: int = 128           # transformer width: heads x head dim
     seed: int = 0
-    version: int = 1           # bump when the code changes what a setting means
+    version: int = 2           # bump when the code changes what a setting means
 
 
 SETTINGS = Settings()
@@ -543,7 +552,7 @@ def verify(folder: Path) -> None:
 def check_round_trip(pipe, folder: Path) -> None:
     """The saved folder must load through the trainer's loader and give the same tokens and text features."""
     loaded = pref_grpo.load_pipeline(str(folder), "cpu")
-    probe = ["a red circle and a green square", "three yellow triangles", ""]
+    probe = ["a red circle and a green square", "two yellow triangles", ""]
     for name in ("tokenizer", "tokenizer_2"):
         a, b = getattr(pipe, name), getattr(loaded, name)
         if a(probe)["input_ids"] != b(probe)["input_ids"] or a.model_max_length != b.model_max_length:
