@@ -332,7 +332,7 @@ class Settings:
     drop_prompt: float = 0.1   # share of empty prompts in pretraining, so classifier-free guidance is an option
     width: int = 128           # transformer width: heads x head dim
     seed: int = 0
-    version: int = 2           # bump when the code changes what a setting means
+    version: int = 1           # bump when the code changes what a setting means
 
 
 SETTINGS = Settings()
