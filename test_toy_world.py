@@ -179,3 +179,36 @@ def test_one_rl_step_of_the_trainer_with_the_toy_judge(tiny_model, tmp_path):
     pg.train(args, judge=tw.judge)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "toy_all_correct" in metrics[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniGenBench offline: toy prompts in its file format, the checker as its judge
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unigenbench_judge_answers_in_the_official_format(tmp_path):
+    import unigenbench as ugb
+
+    prompts = ugb.load_prompts(tw.write_unigenbench_prompts(tmp_path / "p.jsonl"))
+    assert len(prompts) == len(tw.EVAL_PROMPTS)
+    sided = next(p for p in prompts if "on the" in p.prompt)
+    assert [c for c, _ in sided.checkpoints] == list(tw.CRITERIA.values())
+    image = tw.draw_scene(sided.prompt, 0)
+    wrong = tw.draw_scene(sided.prompt.replace("left", "right") if "left" in sided.prompt else
+                          sided.prompt.replace("right", "left"), 0)
+    (reply, error, _), (reply2, _, _) = tw.unigenbench_judge([(ugb.judge_prompt(sided), image),
+                                                              (ugb.judge_prompt(sided), wrong)])
+    assert error is None and ugb.parse_reply(reply, 4)[0] == [1, 1, 1, 1]
+    assert ugb.parse_reply(reply2, 4)[0] == [1, 1, 1, 0]
+
+
+def test_unigenbench_generate_evaluate_report_on_toy_prompts(tiny_model, tmp_path):
+    import unigenbench as ugb
+
+    prompts = tw.write_unigenbench_prompts(tmp_path / "toy.jsonl", tw.EVAL_PROMPTS[:3])
+    ugb.main(["generate", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(tmp_path / "base"),
+              "--resolution", "32", "--steps", "2", "--n", "2"])
+    ugb.main(["evaluate", "--images", str(tmp_path / "base"), "--prompts", str(prompts), "--judge-local", "toy",
+              "--n", "2"])
+    records = ugb.load_result_records(tmp_path / "base" / "results.jsonl")
+    assert len(records) == 6 and all(r["scores"] is not None and r["error"] is None for r in records)
+    summary = ugb.report([str(tmp_path / "base" / "results.jsonl")])
+    assert (tmp_path / "base" / "report.md").exists() and len(summary) == 1

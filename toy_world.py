@@ -26,6 +26,7 @@ a hash of the world's settings (change a setting and the next call retrains).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -313,6 +314,48 @@ def scorer(prompts: list[str], images: list[Image.Image]):
     results = [check(p, im) for p, im in zip(prompts, images)]
     scores = [sum(r.values()) / len(r) for r in results]
     return scores, ({"toy_all_correct": sum(all(r.values()) for r in results) / len(results)} if results else {})
+
+
+# UniGenBench offline: the toy requirements as UniGenBench sub-criteria, and the checker answering its judge requests
+CRITERIA = {"colour": "Attribute - Color", "shape": "Attribute - Shape", "count": "Attribute - Quantity",
+            "side": "Entity Layout - Two-Dimensional Space"}
+
+
+def write_unigenbench_prompts(path: Path | str, prompts: list[str] = EVAL_PROMPTS) -> Path:
+    """The prompts as a unigenbench.py prompt file (its JSON-lines record format), one checkpoint per requirement."""
+    lines = []
+    for index, prompt in enumerate(prompts):
+        spec = parse_prompt(prompt)
+        described = {"colour": " and ".join(dict.fromkeys(c for c, _ in spec.objects)),
+                     "shape": " and ".join(dict.fromkeys(s for _, s in spec.objects)),
+                     "count": f"{len(spec.objects)} object" + "s" * (len(spec.objects) > 1), "side": f"on the {spec.side}"}
+        lines.append(json.dumps({"index": index, "prompt": prompt, "Primary Categories": "Design",
+                                 "Secondary Categories": "Design Assets", "Subjects": "Other Entity",
+                                 "Sentence Structure": "Descriptive", "Testpoints": [CRITERIA[k] for k in spec.kinds],
+                                 "Testpoint Description": [described[k] for k in spec.kinds]}))
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def unigenbench_judge(requests):
+    """unigenbench.py's judge interface, [(judge text, image)] -> [(reply, error, retriable)], answered by the checker
+    in the official reply format. The prompt and checkpoints are read back from the official judge text."""
+    out = []
+    for text, image in requests:
+        prompt = re.search(r"<prompt>(.*?)</prompt>", text, re.DOTALL)
+        names = re.search(r"<checkpoint>(.*?)</checkpoint>", text, re.DOTALL)
+        try:
+            met, names = check(prompt.group(1), image), ast.literal_eval(names.group(1))  # repr() of the names
+            kinds = [{v: k for k, v in CRITERIA.items()}[n] for n in names]
+        except (AttributeError, ValueError, KeyError, SyntaxError) as err:
+            out.append((None, f"not a toy-world request ({type(err).__name__}: {err})", False))
+            continue
+        analysis = [f"{k}: {'met' if met[k] else 'not met'} (pixel checker)" for k in kinds]
+        out.append((f"<analysis>{analysis!r}</analysis><score>{[int(met[k]) for k in kinds]!r}</score>", None, True))
+    return out
+
+
+unigenbench_judge.where = "--judge-local toy (the toy world's pixel checker)"
 
 
 # ======================================================================================================================
