@@ -666,8 +666,8 @@ def main(argv: list[str] | None = None) -> None:
     judges = e.add_mutually_exclusive_group(required=True)
     judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1); "
                         "this or --judge-local is required")
-    judges.add_argument("--judge-local", help="Qwen-VL judge run in this process (needs pref_grpo.py): hub id (CodeGoat24/"
-                        "UniGenBench-EvalModel-qwen3vl-32b-v1) or folder; toy: toy_world.py's checker; this or --judge-url")
+    judges.add_argument("--judge-local", help="Qwen-VL judge in this process (needs pref_grpo.py): hub id (CodeGoat24/"
+                        "UniGenBench-EvalModel-qwen3vl-32b-v1), folder, or toy (toy_world.py); this or --judge-url required")
     for sub in g, e:
         add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "prompts.jsonl or an official UniGenBench CSV "
                          "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file"),
