@@ -638,12 +638,9 @@ def pretrained_model(progress: bool = True, settings: Settings = SETTINGS) -> Pa
 # ======================================================================================================================
 # Evaluation and the RL demo's settings
 # ======================================================================================================================
-# Flags of pref_grpo for the RL demo on this world (field names of pref_grpo.Args). About 2 s a step on 2 busy CPU
-# cores, so 150 steps is 5 minutes. Full fine-tuning of the 1M-parameter transformer; lr 3e-4 was measured to wreck
-# the policy in 150 steps (Adam turns the tiny, noisy policy gradient into full-size steps), hence a small one.
-# Not yet shown to raise held-out accuracy: see the RL notes in the toy-world report.
-DEMO = {"resolution": SIZE, "sample_steps": 8, "group_size": 8, "prompts_per_step": 4, "eta": 0.7,
-        "full": True, "lr": 3e-5, "train_steps": 150, "train_fraction": 0.5, "clip_range": 1e-4}
+# Flags of pref_grpo for the RL demo on this world: pref_grpo's "demo" preset (which `python pref_grpo.py` applies to
+# --model toy), spelled out so a folder of this model can be trained the same way.
+DEMO = dict(pref_grpo.PRESETS["demo"])
 
 
 def demo_argv(model: Path | str, prompts_file: Path | str, **overrides) -> list[str]:
@@ -656,12 +653,13 @@ def demo_argv(model: Path | str, prompts_file: Path | str, **overrides) -> list[
 
 
 def evaluate(pipe, prompts: list[str] = EVAL_PROMPTS, seeds: int = 8, steps: int | None = None,
-             cfg_scale: float = 1.0, first_seed: int = 10**6) -> dict[str, float]:
-    """Accuracy of the deterministic sampler on prompts x `seeds` seeds that no training run draws."""
+             cfg_scale: float | None = None, first_seed: int = 10**6) -> dict[str, float]:
+    """Accuracy of the deterministic sampler on prompts x `seeds` seeds that no training run draws (default sampling:
+    the demo's steps and classifier-free guidance)."""
     ps = [p for p in prompts for _ in range(seeds)]
     images = pref_grpo.generate_images(pipe, ps, [first_seed + k % seeds for k in range(len(ps))],
                                        steps=steps or DEMO["sample_steps"], resolution=SIZE, batch_size=64,
-                                       cfg_scale=cfg_scale)
+                                       cfg_scale=cfg_scale or DEMO.get("cfg_scale", 1.0))
     return accuracy(ps, images)
 
 
