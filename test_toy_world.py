@@ -175,7 +175,7 @@ def test_one_rl_step_of_the_trainer_with_the_toy_judge(tiny_model, tmp_path):
     argv = tw.demo_argv(tiny_model, prompts, train_steps=1, group_size=2, prompts_per_step=1, sample_steps=2,
                         eval_seeds=0)
     args = pg.parse_args(argv + ["--output-dir", str(tmp_path / "run")])
-    assert args.resolution == 32 and args.cfg_scale == tw.DEMO["cfg_scale"]
+    assert args.resolution == 32 and args.lr == tw.DEMO["lr"] and args.eta == tw.DEMO["eta"]
     pg.train(args, judge=tw.judge)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "toy_all_correct" in metrics[0]
