@@ -328,7 +328,8 @@ def write_unigenbench_prompts(path: Path | str, prompts: list[str] = EVAL_PROMPT
         spec = parse_prompt(prompt)
         described = {"colour": " and ".join(dict.fromkeys(c for c, _ in spec.objects)),
                      "shape": " and ".join(dict.fromkeys(s for _, s in spec.objects)),
-                     "count": f"{len(spec.objects)} object" + "s" * (len(spec.objects) > 1), "side": f"on the {spec.side}"}
+                     "count": f"{len(spec.objects)} object" + "s" * (len(spec.objects) > 1),
+                     "side": f"on the {spec.side}"}
         lines.append(json.dumps({"index": index, "prompt": prompt, "Primary Categories": "Design",
                                  "Secondary Categories": "Design Assets", "Subjects": "Other Entity",
                                  "Sentence Structure": "Descriptive", "Testpoints": [CRITERIA[k] for k in spec.kinds],
@@ -606,9 +607,9 @@ def check_round_trip(pipe, folder: Path) -> None:
 
 
 def pretrained_model(progress: bool = True, settings: Settings = SETTINGS) -> Path:
-    """The folder of the pretrained toy FLUX; pretrains it first on a cache miss (about 4-5 minutes of compute on 2
-    idle CPU cores with the default settings; much longer on a busy machine). Written to a temporary folder and renamed, so an interrupted run leaves no half
-    model behind. Load it with pref_grpo.load_pipeline(str(folder))."""
+    """The folder of the pretrained toy FLUX; pretrains it first on a cache miss (20 minutes measured with the default
+    settings on 2 CPU cores shared with another test run). Written to a temporary folder and renamed, so an
+    interrupted run leaves no half model behind. Load it with pref_grpo.load_pipeline(str(folder))."""
     folder = model_folder(settings)
     if folder.exists():
         verify(folder)
