@@ -203,9 +203,9 @@ PRESETS = {
     "pref-grpo-flux-lora": {**OFFICIAL, "full": False, "lora_rank": 64, "lora_alpha": 128.0, "pref_weight": 0.4,
                             "clip_weight": 0.6},
     # The offline demo: a small model learns in minutes on 2 CPU cores with a larger step and more updates per round.
-    "demo": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-3, accum=8,
-                 lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=60, save_every=20,
-                 sample_every=10, eval_every=20, eval_seeds=4),
+    "demo": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8,
+                 lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40,
+                 sample_every=20, eval_every=40, eval_seeds=4, eval_count=15, eta=0.3),
 }
 # Allowed values, checked when the flags are parsed.
 RANGES = dict(

@@ -65,8 +65,8 @@ def test_accuracy_counts_each_kind_over_the_prompts_that_require_it():
 def test_judge_prefers_the_image_meeting_more_requirements_ties_equal_and_is_symmetric():
     prompt = "two yellow triangles"
     right = tw.draw_scene(prompt, 0)
-    one_wrong = tw.draw_scene("three yellow triangles", 1)  # count wrong only
-    two_wrong = tw.draw_scene("three yellow squares", 2)    # count and shape wrong
+    one_wrong = tw.draw_scene("a yellow triangle", 1)  # count wrong only
+    two_wrong = tw.draw_scene("a yellow square", 2)    # count and shape wrong
     other_right = tw.draw_scene(prompt, 7)
     blank = Image.new("RGB", (32, 32), tw.BACKGROUND)
     a = [right, one_wrong, right, right, blank, one_wrong]
@@ -76,6 +76,12 @@ def test_judge_prefers_the_image_meeting_more_requirements_ties_equal_and_is_sym
     reverse, _ = tw.judge([prompt] * len(a), b, a)
     assert [p + q for p, q in zip(probs, reverse)] == [1.0] * len(a)
     assert all(isinstance(v, (int, float)) for v in info.values())
+
+
+def test_scorer_is_the_share_of_requirements_met():
+    images = [tw.draw_scene("a red circle on the left", 0), tw.draw_scene("a red circle", 1)]
+    scores, info = tw.scorer(["a red circle on the left", "a blue circle"], images)
+    assert scores == [1.0, pytest.approx(2 / 3)] and info == {"toy_all_correct": 0.5}
 
 
 def test_judge_plugs_into_the_trainers_group_judging():
@@ -118,7 +124,7 @@ def test_pretraining_smoke_loads_through_the_trainer_and_generates(tiny_model, c
 def test_saved_tokenizer_round_trips(tiny_model):
     pipe = pg.load_pipeline(str(tiny_model), "cpu")
     fresh = tw.toy_tokenizer()
-    for prompt in ["a red circle and a green square", "three yellow triangles", "a blue square on the left", ""]:
+    for prompt in ["a red circle and a green square", "two yellow triangles", "a blue square on the left", ""]:
         assert pipe.tokenizer_2(prompt)["input_ids"] == fresh(prompt)["input_ids"]
         assert pipe.tokenizer(prompt)["input_ids"][-1] == 1  # ends with </s>, where CLIP pools
     assert pipe.tokenizer_2.model_max_length == fresh.model_max_length == 16
@@ -169,7 +175,40 @@ def test_one_rl_step_of_the_trainer_with_the_toy_judge(tiny_model, tmp_path):
     argv = tw.demo_argv(tiny_model, prompts, train_steps=1, group_size=2, prompts_per_step=1, sample_steps=2,
                         eval_seeds=0)
     args = pg.parse_args(argv + ["--output-dir", str(tmp_path / "run")])
-    assert args.resolution == 32 and args.full == tw.DEMO["full"]
+    assert args.resolution == 32 and args.lr == tw.DEMO["lr"] and args.eta == tw.DEMO["eta"]
     pg.train(args, judge=tw.judge)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and "toy_all_correct" in metrics[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniGenBench offline: toy prompts in its file format, the checker as its judge
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unigenbench_judge_answers_in_the_official_format(tmp_path):
+    import unigenbench as ugb
+
+    prompts = ugb.load_prompts(tw.write_unigenbench_prompts(tmp_path / "p.jsonl"))
+    assert len(prompts) == len(tw.EVAL_PROMPTS)
+    sided = next(p for p in prompts if "on the" in p.prompt)
+    assert [c for c, _ in sided.checkpoints] == list(tw.CRITERIA.values())
+    image = tw.draw_scene(sided.prompt, 0)
+    wrong = tw.draw_scene(sided.prompt.replace("left", "right") if "left" in sided.prompt else
+                          sided.prompt.replace("right", "left"), 0)
+    (reply, error, _), (reply2, _, _) = tw.unigenbench_judge([(ugb.judge_prompt(sided), image),
+                                                              (ugb.judge_prompt(sided), wrong)])
+    assert error is None and ugb.parse_reply(reply, 4)[0] == [1, 1, 1, 1]
+    assert ugb.parse_reply(reply2, 4)[0] == [1, 1, 1, 0]
+
+
+def test_unigenbench_generate_evaluate_report_on_toy_prompts(tiny_model, tmp_path):
+    import unigenbench as ugb
+
+    prompts = tw.write_unigenbench_prompts(tmp_path / "toy.jsonl", tw.EVAL_PROMPTS[:3])
+    ugb.main(["generate", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(tmp_path / "base"),
+              "--resolution", "32", "--steps", "2", "--n", "2"])
+    ugb.main(["evaluate", "--images", str(tmp_path / "base"), "--prompts", str(prompts), "--judge-local", "toy",
+              "--n", "2"])
+    records = ugb.load_result_records(tmp_path / "base" / "results.jsonl")
+    assert len(records) == 6 and all(r["scores"] is not None and r["error"] is None for r in records)
+    summary = ugb.report([str(tmp_path / "base" / "results.jsonl")])
+    assert (tmp_path / "base" / "report.md").exists() and len(summary) == 1

@@ -369,9 +369,9 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
 def local_judge(vlm, *, max_tokens: int = 4096):
     """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
     import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
-
+    if vlm == "toy":  # the toy world's pixel checker (toy_world.py beside this file; one-line error without it)
+        return pref_grpo.toy_world().unigenbench_judge
     model = pref_grpo.load_local_vlm(vlm, what="--judge-local") if isinstance(vlm, str) else vlm
-
     def judge(requests):
         return [(r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests], max_tokens=max_tokens)]
     judge.where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
@@ -666,8 +666,8 @@ def main(argv: list[str] | None = None) -> None:
     judges = e.add_mutually_exclusive_group(required=True)
     judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1); "
                         "this or --judge-local is required")
-    judges.add_argument("--judge-local", help="Qwen-VL judge run in this process (needs pref_grpo.py): hub id "
-                        "(CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder; this or --judge-url is required")
+    judges.add_argument("--judge-local", help="Qwen-VL judge in this process (needs pref_grpo.py): hub id (CodeGoat24/"
+                        "UniGenBench-EvalModel-qwen3vl-32b-v1), folder, or toy (toy_world.py); this or --judge-url required")
     for sub in g, e:
         add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "prompts.jsonl or an official UniGenBench CSV "
                          "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file"),
