@@ -1505,7 +1505,8 @@ def train(args: Args, judge=None) -> dict:
             all_rewards, weights = [rewards], [args.pref_weight]
             if clip:
                 clip_r = clip_scores(clip, [p for p in mine for _ in range(args.group_size)], images)
-                all_rewards, weights = [rewards, clip_r.view_as(rewards)], [args.pref_weight, args.clip_weight]
+                all_rewards.append(clip_r.view_as(rewards))
+                weights.append(args.clip_weight)
             t2 = time.perf_counter()
             adv = group_advantages(all_rewards, weights, args.adv_clip).flatten()                 # 4. advantages
             stats = train_step(pipe, params, optimizer, batch, adv, args)                        # 5. loss, updates
