@@ -12,8 +12,7 @@ blows those gaps up into large "illusory" advantages that the policy learns to e
 and keep their meaning.
 
 Launch:
-  python pref_grpo.py                                 # offline demo: a tiny FLUX pretrained on a toy world of shapes
-                                                      # (toy_world.py beside this file), CPU, minutes
+  python pref_grpo.py                                 # offline demo on a world of shapes (toy_world.py), CPU, minutes
   python pref_grpo.py --model tiny --train-steps 2    # smoke test: a tiny random FLUX, seconds, this file alone
   vllm serve CodeGoat24/UnifiedReward-Think-qwen-7b --served-model-name UnifiedReward --port 8080 \\
       --limit-mm-per-prompt '{"image": 2}'            # the reward model, on GPUs of its own
@@ -42,13 +41,11 @@ import resource
 import shutil
 import sys
 import time
-import typing
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -63,14 +60,13 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 # ======================================================================================================================
 # Flags
 # ======================================================================================================================
-@dataclass
+@dataclasses.dataclass
 class Args:
     # --- model and data
     model: str = "toy"
-    """FLUX or SD3 pipeline: hub id (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium) or folder;
-    `toy`: the demo's tiny FLUX pretrained on a world of shapes (toy_world.py); `tiny`, `tiny-sd3`: random, for tests"""
+    """FLUX or SD3 pipeline (hub id or folder); toy: the demo's FLUX pretrained on shapes; tiny, tiny-sd3: random"""
     preset: str | None = None
-    """every value of an official recipe (PRESETS) at once, under the flags given; default: demo for toy/tiny models"""
+    """every value of an official recipe (PRESETS) under the flags given; default: demo for toy/tiny models"""
     prompts: str | None = None
     """training prompts: .txt (one a line) or .jsonl (a "prompt" field); default: the toy world's"""
     eval_prompts: str | None = None
@@ -116,15 +112,13 @@ class Args:
     reward: Literal["pairwise", "pointwise"] = "pairwise"
     """pairwise: win rates (Pref-GRPO); pointwise: a scorer's scores, z-scored as plain GRPO does (the baseline)"""
     judge_model: str | None = None
-    """served name (with --judge-url), or hub id / folder of a VLM run in this process
-    (CodeGoat24/UnifiedReward-Think-qwen-7b), or `toy` / `colour`; default: toy, colour (tiny) or UnifiedReward"""
+    """served name (--judge-url), VLM hub id/folder run here, toy, colour; default: toy, colour (tiny), UnifiedReward"""
     judge_url: str | None = None
     """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
     judge_mode: Literal["generate", "logits"] = "generate"
     """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
-    """which image is shown first: balanced (each pair once, every image first in half its pairs), both (each pair
-    in both orders: twice the cost), first (lower index first: the official trainer)"""
+    """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
     """reply length limit in generate mode (official: 2048)"""
     judge_image_size: int = 0
@@ -160,8 +154,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     accum: int = 4
-    """trajectories of each process per optimizer update (official: 4 of 8: 2 updates a round, the second
-    off-policy); 0: all, one update a round"""
+    """trajectories per process per optimizer update (official: 4 of 8, the second update off-policy); 0: all"""
     train_batch_size: int = 0
     """trajectories per training forward/backward (memory); 0: as many as --accum"""
     full: bool = False
@@ -181,8 +174,7 @@ class Args:
     sample_every: int = 20
     """save a grid of the round's samples every N rounds"""
     eval_every: int = 0
-    """every N rounds: held-out prompts and seeds, current vs initial policy, judged by the same judge (and CLIP);
-    0: only at the end"""
+    """every N rounds: held-out images, current vs initial policy, by the same judge (and CLIP); 0: only at the end"""
     eval_count: int = 8
     """held-out prompts used ..."""
     eval_seeds: int = 4
@@ -193,11 +185,10 @@ class Args:
 
 # Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
 # the command line override them. What the official code does and this file does not is listed in docs/recipe.md.
-OFFICIAL = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0,
-                group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
-                adv_clip=5.0, train_fraction=0.6, accum=4, max_sequence_length=512, prompts_per_step=0,
-                judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
-                clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20)
+OFFICIAL = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0, group_size=8,
+                guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4, adv_clip=5.0,
+                train_fraction=0.6, accum=4, max_sequence_length=512, prompts_per_step=0, judge_model="UnifiedReward",
+                judge_max_tokens=2048, judge_order="first", clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20)
 PRESETS = {
     "pref-grpo-flux": {**OFFICIAL, "full": True, "pref_weight": 0.7, "clip_weight": 1.4},
     "pref-grpo-flux-lora": {**OFFICIAL, "full": False, "lora_rank": 64, "lora_alpha": 128.0, "pref_weight": 0.4,
@@ -207,23 +198,15 @@ PRESETS = {
                  lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40,
                  sample_every=20, eval_every=40, eval_seeds=4, eval_count=15, eta=0.3),
 }
-# Allowed values, checked when the flags are parsed.
-RANGES = dict(
-    train_steps="[1,inf)", prompts_per_step="[0,inf)", group_size="[2,inf)", sample_steps="[2,inf)",
-    resolution="[8,inf)", guidance="[0,inf)", cfg_scale="[1,inf)", eta="(0,10]", shift="(0,inf)", sde_window="[0,inf)",
-    train_fraction="(0,1]", max_sequence_length="[1,inf)", judge_max_tokens="[1,inf)", judge_image_size="[0,inf)",
-    judge_workers="[1,inf)", judge_timeout="(0,inf)", judge_retries="[0,inf)", pref_weight="[0,inf)",
-    clip_weight="[0,inf)", adv_clip="(0,inf)", clip_range="(0,1)", kl_beta="[0,inf)", lr="(0,1)",
-    weight_decay="[0,inf)", max_grad_norm="(0,inf)", accum="[0,inf)", train_batch_size="[0,inf)", lora_rank="[1,inf)",
-    lora_alpha="(0,inf)", save_every="[1,inf)", keep_checkpoints="[1,inf)", sample_every="[1,inf)",
-    eval_every="[0,inf)", eval_count="[1,inf)", eval_seeds="[0,inf)")
+RANGES = {name: interval for interval, names in {  # allowed values, checked when the flags are parsed
+    "[0,inf)": "prompts_per_step guidance sde_window judge_image_size judge_retries pref_weight clip_weight kl_beta "
+               "weight_decay accum train_batch_size eval_every eval_seeds",
+    "[1,inf)": "train_steps max_sequence_length judge_max_tokens judge_workers lora_rank save_every keep_checkpoints "
+               "sample_every eval_count cfg_scale", "[2,inf)": "group_size sample_steps", "[8,inf)": "resolution",
+    "(0,inf)": "shift judge_timeout adv_clip max_grad_norm lora_alpha", "(0,1)": "clip_range lr", "(0,10]": "eta",
+    "(0,1]": "train_fraction"}.items() for name in names.split()}
 # What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
 FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
-
-
-def in_range(value, interval: str) -> bool:
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
 
 
 def flag(name: str) -> str:
@@ -231,32 +214,30 @@ def flag(name: str) -> str:
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The command line from the dataclass: one --flag per field, its docstring as help, grouped by the `# ---`
-    comments, with its default and choices. `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    """One --flag per Args field, its docstring as help, grouped by the `# ---` comments. `suppress` leaves unset flags
+    out (to tell which ones a user typed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 3)[-1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
-    lines, hints = inspect.getsource(Args).splitlines(), typing.get_type_hints(Args)
-    fields, group, docs, name = {f.name: f for f in dataclasses.fields(Args)}, parser, {}, None
-    for line in lines:  # the docstring under each field, and the group comment above it
+    fields, hints, docs, group = {f.name: f for f in dataclasses.fields(Args)}, get_type_hints(Args), {}, parser
+    for line in inspect.getsource(Args).splitlines():  # the docstring under each field, the group comment above it
         if m := re.match(r"\s+# --- (.+)", line):
             group = parser.add_argument_group(m.group(1))
         elif (m := re.match(r"\s+(\w+): ", line)) and m.group(1) in fields:
             name, docs[m.group(1)] = m.group(1), [group, ""]
-        elif name and line.strip():
+        elif docs and line.strip():
             docs[name][1] += " " + line.strip().strip('"')
     for name, (group, doc) in docs.items():
-        f, hint = fields[name], hints[name]
-        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-        default = argparse.SUPPRESS if suppress else f.default
-        text = " ".join(doc.split()) + f" (default: {f.default})"
+        hint, default = hints[name], fields[name].default
+        choices = get_args(hint) if get_origin(hint) is Literal else None
+        kw = dict(default=argparse.SUPPRESS if suppress else default, help=f"{doc.strip()} (default: {default})")
         if hint in (bool, bool | None):
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=default, help=text)
-            continue
-        base = next(t for t in (int, float, str) if t in (hint, *typing.get_args(hint))) if not choices else str
-        none_ok = type(None) in typing.get_args(hint)
-        group.add_argument(flag(name), type=(lambda s, b=base: None if s.lower() == "none" else b(s)) if none_ok
-                           else base, choices=choices, default=default, help=text)
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            base = str if choices else next(t for t in (int, float, str) if t in (hint, *get_args(hint)))
+            kw.update(choices=choices, type=base if type(None) not in get_args(hint) else
+                      lambda s, b=base: None if s.lower() == "none" else b(s))
+        group.add_argument(flag(name), **kw)
     return parser
 
 
@@ -283,9 +264,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
         sys.exit(f"error: --preset must be one of {', '.join(PRESETS)} (got {preset!r})")
     args = Args(**{**values, **(PRESETS[preset] if preset and not base else {}), **base, **given, "preset": preset})
     args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
-    for name, interval in RANGES.items():
-        if getattr(args, name) is not None and not in_range(getattr(args, name), interval):
-            sys.exit(f"error: {flag(name)} must be in {interval} (got {getattr(args, name)})")
+    for name, interval in RANGES.items():  # "(lo,hi]": open or closed ends
+        v, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
+        if v is not None and not (lo <= v <= hi and (v, interval[0]) != (lo, "(") and (v, interval[-1]) != (hi, ")")):
+            sys.exit(f"error: {flag(name)} must be in {interval} (got {v})")
     if args.sde_window >= args.sample_steps:
         sys.exit("error: --sde-window must be below --sample-steps (the last transition is never trained)")
     if args.kl_beta > 0 and args.full:  # a frozen copy of a 12B transformer would cost 24 GB more per GPU
@@ -309,7 +291,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def sigma_schedule(pipe, steps: int, image_seq_len: int, shift: float | None = None) -> torch.Tensor:
     """steps + 1 noise levels from 1 to 0 by diffusers' scheduler: a fixed shift (official: 3) or FLUX's dynamic one."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     scheduler, cfg = pipe.scheduler, pipe.scheduler.config
     if shift is not None:
         scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift)
@@ -325,14 +306,14 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
       std_t  = eta * sqrt(sigma / (1 - sigma)), its pole at sigma = 1 capped at sigma_cap (the first sigma below 1)
       mean   = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt,  dt = sigma_next - sigma < 0
       x_next = mean + std_t sqrt(-dt) * noise
-    Returns (x_next, its log-prob averaged over all non-batch elements, mean, std_t per row). Given `prev`, scores that
-    latent instead of sampling one (the training pass). eta = 0 is the deterministic Euler step: no density, log-prob
-    0. A list of generators (one per group) draws the rows in equal blocks: a group's noise ignores the rest."""
+    Returns (x_next, its log-prob averaged over non-batch elements, mean, std_t per row); given `prev`, scores it
+    instead of sampling (training). eta = 0: the deterministic Euler step, log-prob 0. A list of generators (one per
+    group) draws the rows in equal blocks: a group's noise ignores the rest."""
     v, x = v.float(), x.float()
     col = (x.shape[0],) + (1,) * (x.ndim - 1)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col)
-    dt = torch.as_tensor(sigma_next, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col) - sigma
-    std_t = eta * torch.sqrt(sigma / (1 - sigma.clamp(max=sigma_cap)))
+    sigma, sigma_next = (torch.as_tensor(s, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(col)
+                         for s in (sigma, sigma_next))
+    dt, std_t = sigma_next - sigma, eta * torch.sqrt(sigma / (1 - sigma.clamp(max=sigma_cap)))
     mean = (x * (1 + std_t**2 / (2 * sigma) * dt).float()
             + v * ((1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt).float())
     std = (std_t * torch.sqrt(-dt)).float()
@@ -350,25 +331,24 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
 @torch.no_grad()
 def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
             cfg_scale: float = 1.0):
-    """Denoise a whole batch (every image of every group), one transformer call per step. Returns all latents
-    (n, T+1, ...), the transitions' log-probs (n, T; 0 on Euler steps) and the last step's x0-prediction x - sigma v:
-    the image to judge, without the noise the last SDE step adds."""
-    sigma_cap = float(sigmas[1])
+    """Denoise the whole batch, one transformer call per step. Returns all latents (n, T+1, ...), the transitions'
+    log-probs (n, T; 0 on Euler steps) and the last x0-prediction x - sigma v: the image to judge, without the noise
+    the last SDE step adds."""
     x, latents, log_probs = noise.float(), [noise.float()], []
     for i in range(len(sigmas) - 1):
         v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
         x0 = x - float(sigmas[i]) * v.float()
-        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0, sigma_cap,
-                               generator=generator)
+        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0,
+                               float(sigmas[1]), generator=generator)
         latents.append(x)
         log_probs.append(lp)
     return torch.stack(latents, 1), torch.stack(log_probs, 1), x0
 
 
 def step_plan(steps: int, window: int, fraction: float, group_gens: list, G: int, step_gen):
-    """Which sampling steps use the SDE (all, or a random window drawn from step_gen), and per trajectory its own random
-    subset of those transitions to train, in random order: (groups x G, k), each group drawing from its generator. The
-    last transition is never trained: its target, the final latent, is not what gets judged (the x0-prediction is)."""
+    """The steps that use the SDE (all, or a random window drawn from step_gen) and, per trajectory, a random subset of
+    them to train, in random order: (groups x G, k), each group drawing from its generator. The last transition is
+    never trained: its target, the final latent, is not what gets judged (the x0-prediction is)."""
     start = int(torch.randint(0, steps - window, (1,), generator=step_gen)) if window else 0
     sde = list(range(start, start + window)) if window else list(range(steps))
     candidates = torch.tensor([s for s in sde if s < steps - 1])
@@ -380,9 +360,8 @@ def step_plan(steps: int, window: int, fraction: float, group_gens: list, G: int
 # ======================================================================================================================
 # 2. Judging pairs: judge(prompts, firsts, seconds) -> (P(the image shown first is better) or None, info)
 # ======================================================================================================================
-# UnifiedReward-Think's pairwise prompt, byte for byte as the model was trained on it (`{prompt}` = the caption).
-# Source: CodeGoat24/UnifiedReward, UnifiedReward-Think/benchmark_evaluation/GenAI-Bench-Image/
-# test_qwen25_cot_genAI_bench_image.py (the `template` of the official Pref-GRPO trainer too). Licence: MIT.
+# UnifiedReward-Think's pairwise prompt, byte for byte as trained (`{prompt}` = the caption; MIT). Source: CodeGoat24/
+# UnifiedReward, UnifiedReward-Think/benchmark_evaluation/GenAI-Bench-Image/test_qwen25_cot_genAI_bench_image.py.
 UNIFIEDREWARD_THINK_PROMPT = (
     "Given a caption and two images generated based on this caption, please analyze in detail the two provided "
     "images. Evaluate them on various dimensions such as semantic consistency (how closely the image content aligns "
@@ -399,9 +378,8 @@ UNIFIEDREWARD_THINK_PROMPT = (
     "</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final answer are "
     "placeholders meant only to demonstrate the format. Your actual evaluation should be based on the quality of two "
     "given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
-# Logits mode (ours, not the model's training format): the assistant turn is prefilled with a closed, neutral <think>
-# block and the answer up to the image number, so one forward pass gives P("1") vs P("2") for the next token. It ends
-# in a space: Qwen's tokenizer writes the space and each digit as tokens of their own.
+# Logits mode (ours, not a trained format): the reply prefilled with a neutral <think> block and the answer up to the
+# image number, so one forward pass gives P("1") vs P("2"). The trailing space: Qwen tokenizes space and digit apart.
 LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
                  "and added up the totals.\n</think>\n<answer>Image ")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -412,17 +390,17 @@ def judge_text(prompt: str) -> str:
 
 
 def parse_verdict(reply: str | None) -> float | None:
-    """As the official trainer reads a reply: the first <answer>...</answer> containing "Image 1 is better" -> 1.0,
-    "Image 2 is better" -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
+    """As the official trainer reads a reply: the first <answer> with "Image 1 is better" -> 1.0, "Image 2 is better"
+    -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
     m = ANSWER.search(reply) if isinstance(reply, str) else None
     return None if not m else 1.0 if "Image 1 is better" in m[1] else 0.0 if "Image 2 is better" in m[1] else None
 
 
 def pair_schedule(G: int, order: str) -> list[tuple[int, int]]:
-    """The judged (first shown, second shown) image pairs of a group. `first`: the lower index first, as the official
-    trainer does (image 0 is shown first in all its G - 1 comparisons, image G - 1 in none, so a judge's position bias
-    shifts their win rates apart). `balanced`: each pair once, the lower index first iff i + j is odd, which shows
-    every image first in floor or ceil of (G - 1) / 2 of its comparisons. `both`: every pair in both orders."""
+    """The judged (shown first, shown second) pairs of a group. `first`: lower index first, as the official trainer
+    (image 0 is shown first in all its comparisons, image G - 1 in none: a judge's position bias shifts their win
+    rates apart). `balanced`: lower index first iff i + j is odd: every image first in floor or ceil of (G - 1) / 2 of
+    its comparisons. `both`: every pair in both orders."""
     pairs = [(i, j) for i in range(G) for j in range(i + 1, G)]
     if order == "balanced":
         return [(i, j) if (i + j) % 2 else (j, i) for i, j in pairs]
@@ -431,8 +409,7 @@ def pair_schedule(G: int, order: str) -> list[tuple[int, int]]:
 
 def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, order: str = "balanced"):
     """Judge the scheduled pairs inside each group (never across groups) in one call. Returns the preference matrices
-    P[g, i, j] = P(image i beats image j) = 1 - P[g, j, i] (both orders: their mean; a failed judgment: a tie), and
-    the judge's diagnostics."""
+    P[g, i, j] = P(image i beats j) = 1 - P[g, j, i] (both orders: their mean; a failed judgment: a tie), and info."""
     schedule = pair_schedule(G, order)
     reqs = [(g, a, b) for g in range(len(prompts)) for a, b in schedule]
     p_first, info = judge([prompts[g] for g, _, _ in reqs], [images[g * G + a] for g, a, _ in reqs],
@@ -445,8 +422,7 @@ def judge_groups(judge, prompts: list[str], images: list[Image.Image], G: int, o
     pref = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, 0.5))
     valid = [p for p in p_first if p is not None]
     info = {"judge_requests": len(reqs), "judge_failed": len(reqs) - len(valid),
-            # share of judgments won by the image shown first: 0.5 = no position bias (images of a group are
-            # exchangeable, so a fixed schedule measures the judge, not the images)
+            # share won by the image shown first: 0.5 = no position bias (a group's images are exchangeable)
             "judge_first_preferred": sum(valid) / len(valid) if valid else 0.5, **info}
     if order == "both":  # pairs whose two orders prefer different images; measurable in this mode only
         per, half = len(schedule), len(schedule) // 2  # a group's requests: its pairs, then the same swapped
@@ -477,8 +453,8 @@ def win_rates(pref: torch.Tensor) -> torch.Tensor:
 # 4. Advantage: z-score inside the group (each reward on its own), weighted sum, clamped
 # ======================================================================================================================
 def group_zscore(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(groups, G) -> (r - group mean) / (group std + eps), the std with Bessel's correction as the official code. A
-    group whose rewards are all equal carries no signal: exactly 0."""
+    """(groups, G) -> (r - group mean) / (group std + eps), Bessel-corrected std as the official code; a group whose
+    rewards are all equal carries no signal: exactly 0."""
     z = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
     return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(z), z)
 
@@ -510,23 +486,21 @@ def flow_grpo_kl(mean, base_mean, std_t) -> torch.Tensor:
 
 
 def transition(pipe, batch: dict, idx, steps, args: Args):
-    """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r] under the current weights: the log-prob of the
-    stored next latent (with gradient), the step's mean and std_t."""
+    """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r] under the current weights: (log-prob of the stored
+    next latent, with gradient; the step's mean; std_t)."""
     sig, lat = batch["sigmas"], batch["latents"]
     x = lat[idx, steps]
     v = velocity(pipe, x, sig[steps], select(batch["cond"], idx), batch["img_ids"], args.guidance, args.cfg_scale)
-    _, lp, mean, std_t = sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])
-    return lp, mean, std_t
+    return sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])[1:]
 
 
 def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
     """Section 5 for one round. This process's trajectories are cut into chunks of --accum; each chunk's loss (mean
     over its trajectories, all processes', and their trained transitions) is one optimizer update. Chunks after the
-    first are off-policy: the weights moved since sampling, so the ratio leaves 1 and the clip acts. Trajectories
-    with zero advantage get no forward/backward (their loss is exactly 0)."""
+    first are off-policy (the weights moved since sampling: the ratio leaves 1 and the clip acts). Zero-advantage
+    trajectories get no forward/backward (their loss is exactly 0)."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
-    (n, k), sharded = trained.shape, args.full and world > 1
-    size = args.accum or n
+    (n, k), sharded, size = trained.shape, args.full and world > 1, args.accum or trained.shape[0]
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
     out, terms = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
     pipe.transformer.train()
@@ -578,14 +552,14 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
 # ======================================================================================================================
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
 TINY_PROMPTS = [f"a red {thing}" for thing in ("apple", "car", "house", "bird", "boat", "flower")]
+TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
 def tiny_tokenizer(max_length: int = 16):
-    """A word-level tokenizer built in memory (unknown words are <unk>); every text ends with </s>, where CLIP pools
-    its output (without it the pooled text would be prompt-blind)."""
+    """A word-level tokenizer built in memory; every text ends with </s>, where CLIP pools (else it is prompt-blind)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-
     words = ["a", "an", "the", "of", "in", "on", "with", *COLOURS, "apple", "car", "house", "bird", "boat", "flower"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}, "<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
@@ -601,12 +575,9 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     vocab, sd3 = len(tiny_tokenizer()), model == "tiny-sd3"
-    clip = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, projection_dim=32, max_position_embeddings=16, pad_token_id=0,
-                          bos_token_id=1, eos_token_id=1)
+    clip = CLIPTextConfig(vocab_size=vocab, projection_dim=32, **TINY_CLIP_TEXT)
     # SD3 lays the two CLIPs' token features side by side and pads them to T5's width: T5 must be >= 2 x 32 wide
     t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64 if sd3 else 32, d_kv=16, d_ff=64, num_layers=2,
                                  num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
@@ -670,17 +641,15 @@ def load_pipeline(model: str, device=None, dtype=None):
         pipe = tiny_pipeline(model)
     else:
         from diffusers import DiffusionPipeline
-
         check_model_name(model, "--model")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         try:  # from_pretrained keeps the modules that must stay float32 in float32
-            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype or (
-                torch.bfloat16 if device.type == "cuda" else torch.float32))
+            pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError, TypeError, KeyError) as err:  # missing files, bad id, gated, offline, corrupt
             sys.exit(hub_error(model, err, "--model"))
         if not type(pipe).__name__.startswith(("Flux", "StableDiffusion3")):
             sys.exit(f"error: --model {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device).set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
@@ -700,16 +669,13 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
-
         transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                            target_modules=LORA_TARGETS))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
+    for p in (p for p in transformer.parameters() if p.requires_grad):
         p.data = p.data.float()
     if args.full and world_size() > 1:
         shard_transformer(transformer)  # replaces the parameters by this process's shards (DTensors)
-        params = [p for p in transformer.parameters() if p.requires_grad]
-    return params
+    return [p for p in transformer.parameters() if p.requires_grad]
 
 
 @contextlib.contextmanager
@@ -730,13 +696,12 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int = 512, neg
     n = min(max_sequence_length, t5.model_max_length)
     with torch.no_grad():
         if is_sd3(pipe):
-            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=dev,
-                                                      do_classifier_free_guidance=False, max_sequence_length=n)
-            cond = {"embeds": embeds, "pooled": pooled}
-        else:
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=dev,
-                                                          max_sequence_length=n)
-            cond = {"embeds": embeds, "pooled": pooled, "text_ids": text_ids}
+            out = pipe.encode_prompt(prompts, None, None, device=dev, do_classifier_free_guidance=False,
+                                     max_sequence_length=n)
+            cond = {"embeds": out[0], "pooled": out[2]}
+        else:  # (embeds, pooled, text_ids)
+            cond = dict(zip(("embeds", "pooled", "text_ids"), pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=dev, max_sequence_length=n)))
     if negative:
         cond["neg"] = select(encode_prompts(pipe, [""], max_sequence_length), 0)
     return cond
@@ -748,8 +713,8 @@ def select(cond: dict, index) -> dict:
 
 
 def latent_geometry(pipe, resolution: int) -> tuple[int, torch.Tensor | None]:
-    """Image-token count (FLUX's shift depends on it) and positional ids. FLUX: a packed (B, tokens, 4C) sequence with
-    ids; SD3: (B, C, H, W) latents that its transformer cuts into patch_size^2 patches itself, no ids."""
+    """Image-token count (FLUX's shift depends on it) and positional ids: FLUX packs latents to (B, tokens, 4C) with
+    ids; SD3 keeps (B, C, H, W) and its transformer cuts patches itself, no ids."""
     multiple = pipe.vae_scale_factor * (pipe.transformer.config.patch_size if is_sd3(pipe) else 2)
     if resolution % multiple:
         sys.exit(f"error: --resolution must be a multiple of {multiple} for this model (got {resolution})")
@@ -762,15 +727,15 @@ def latent_geometry(pipe, resolution: int) -> tuple[int, torch.Tensor | None]:
 
 def initial_noise(pipe, n: int, resolution: int, generator) -> torch.Tensor:
     """n Gaussian latents in the model's layout (a list of generators gives each image its own seed)."""
-    dev, channels = pipe.transformer.device, pipe.transformer.config.in_channels
-    if is_sd3(pipe):
-        return pipe.prepare_latents(n, channels, resolution, resolution, torch.float32, dev, generator)
-    return pipe.prepare_latents(n, channels // 4, resolution, resolution, torch.float32, dev, generator)[0]
+    sd3, channels = is_sd3(pipe), pipe.transformer.config.in_channels
+    x = pipe.prepare_latents(n, channels if sd3 else channels // 4, resolution, resolution, torch.float32,
+                             pipe.transformer.device, generator)
+    return x if sd3 else x[0]  # FLUX also returns its positional ids
 
 
 def velocity(pipe, x, sigma, cond: dict, img_ids, guidance: float, cfg_scale: float = 1.0) -> torch.Tensor:
-    """The transformer's flow-matching velocity at noise level sigma (a number or one per row). FLUX takes
-    timestep = sigma and a guidance embedding; SD3 takes 1000 sigma. cfg_scale != 1: classifier-free guidance."""
+    """Flow-matching velocity at noise level sigma (a number or one per row): FLUX takes timestep = sigma and a guidance
+    embedding, SD3 1000 sigma. cfg_scale != 1: classifier-free guidance."""
     transformer, n = pipe.transformer, x.shape[0]
     t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(n)  # float32 in sampling and training
     if cfg_scale != 1:
@@ -800,14 +765,12 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
                     guidance: float = 3.5, max_sequence_length: int = 512, batch_size: int = 8,
                     cfg_scale: float = 1.0, shift: float | None = None) -> list[Image.Image]:
     """One deterministic (eta = 0) image per (prompt, seed); the same seed gives the same image in any batch."""
-    images, (seq_len, img_ids) = [], latent_geometry(pipe, resolution)
+    images, (seq_len, img_ids), dev = [], latent_geometry(pipe, resolution), pipe.transformer.device
+    sigmas = sigma_schedule(pipe, steps, seq_len, shift)
     for s in range(0, len(prompts), batch_size):
-        p, gens = prompts[s:s + batch_size], [torch.Generator(pipe.transformer.device).manual_seed(int(x))
-                                              for x in seeds[s:s + batch_size]]
-        latents, _, _ = rollout(pipe, encode_prompts(pipe, p, max_sequence_length, cfg_scale != 1),
-                                initial_noise(pipe, len(p), resolution, gens),
-                                sigma_schedule(pipe, steps, seq_len, shift), [False] * steps, 0.0, guidance, img_ids,
-                                None, cfg_scale)
+        p, gens = prompts[s:s + batch_size], [torch.Generator(dev).manual_seed(int(x)) for x in seeds[s:s + batch_size]]
+        latents = rollout(pipe, encode_prompts(pipe, p, max_sequence_length, cfg_scale != 1), initial_noise(
+            pipe, len(p), resolution, gens), sigmas, [False] * steps, 0.0, guidance, img_ids, None, cfg_scale)[0]
         images += decode(pipe, latents[:, -1], resolution)
     return images
 
@@ -815,8 +778,7 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
 # ======================================================================================================================
 # Reward models: the judge's transport (an OpenAI-compatible server, or Qwen-VL in this process), CLIP, offline judges
 # ======================================================================================================================
-# The HTTP client is the standard library's: a reward server is the one dependency a trainer cannot avoid, so none is
-# added for it. unigenbench.py keeps its own small copy of these helpers, so that each script runs on its own.
+# The standard library's HTTP client: no dependency for the reward server. unigenbench.py has its own copy (runs alone).
 RETRY_BACKOFF_S = 1.0  # first retry delay; doubles each attempt (tests make it small)
 
 
@@ -923,34 +885,26 @@ def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: 
 
 def load_local_vlm(name: str, device=None, dtype=None, what: str = "--judge-model") -> tuple:
     """(model, processor) of a Qwen-VL checkpoint (hub id or folder), eval mode, left padding for batching."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    import transformers
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_model_name(name, what)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)).to(device).eval()
         try:
-            processor = AutoProcessor.from_pretrained(name)
-        except ImportError:  # no torchvision: the video half cannot load, and judging images does not need it
-            processor = image_only_processor(name, model.config.model_type)
+            processor = transformers.AutoProcessor.from_pretrained(name)
+        except ImportError:  # no torchvision: build the model's processor class without its video half (not needed)
+            from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+            base = getattr(transformers, PROCESSOR_MAPPING_NAMES[model.config.model_type])
+            image_only = type("ImageOnly" + base.__name__, (base,), {"check_argument_for_proper_class": lambda s, n, a:
+                              None if a is None else base.check_argument_for_proper_class(s, n, a)})
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            processor = image_only(image_processor=transformers.AutoImageProcessor.from_pretrained(name),
+                                   tokenizer=tokenizer, video_processor=None, chat_template=tokenizer.chat_template)
     except (OSError, ValueError, TypeError, KeyError) as err:
         sys.exit(hub_error(name, err, what))
     processor.tokenizer.padding_side = "left"  # batched generation appends on the right
     return model, processor
-
-
-def image_only_processor(name: str, model_type: str):
-    """The model's own processor class (Qwen2.5-VL, Qwen3-VL, ...) built without its video processor."""
-    import transformers
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
-    image_only = type("ImageOnly" + base.__name__, (base,), {"check_argument_for_proper_class": lambda self, n, a:
-                      None if a is None else base.check_argument_for_proper_class(self, n, a)})
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    return image_only(image_processor=transformers.AutoImageProcessor.from_pretrained(name), tokenizer=tokenizer,
-                      video_processor=None, chat_template=tokenizer.chat_template)
 
 
 def vlm_inputs(vlm: tuple, requests, prefill: str = ""):
@@ -1010,19 +964,17 @@ def make_judge(args: Args):
                  f"(it serves: {', '.join(served)})")
     vlm = None if url else load_local_vlm(args.judge_model, args.device)
     transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
-                     key_env=key_env, max_side=args.judge_image_size)
+                     key_env=key_env, max_side=args.judge_image_size, max_tokens=args.judge_max_tokens)
+    if not generate:  # max_tokens 2: room for a space the server trimmed off the prefill
+        transport.update(max_tokens=2, prefill=LOGITS_PREFIX, extract=answer_prob, extra={
+            "logprobs": True, "top_logprobs": 20, "add_generation_prompt": False, "continue_final_message": True})
 
     def judge(prompts, firsts, seconds):
         start = time.perf_counter()
         requests = [(judge_text(p), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
         stats = {"failed": 0, "attempts": len(requests)}
-        if url and generate:
-            replies, stats = server_chat(requests, url, args.judge_model, max_tokens=args.judge_max_tokens, **transport)
-        elif url:  # max_tokens 2: room for a space the server trimmed off the prefill
-            extra = {"logprobs": True, "top_logprobs": 20, "add_generation_prompt": False,
-                     "continue_final_message": True}
-            replies, stats = server_chat(requests, url, args.judge_model, max_tokens=2, prefill=LOGITS_PREFIX,
-                                         extract=answer_prob, extra=extra, **transport)
+        if url:
+            replies, stats = server_chat(requests, url, args.judge_model, **transport)
         else:
             replies = (local_chat(vlm, requests, max_tokens=args.judge_max_tokens) if generate
                        else local_answer_probs(vlm, requests))
@@ -1040,13 +992,10 @@ def make_judge(args: Args):
 def load_clip(name: str, device) -> tuple:
     """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
     if name == "tiny":
         torch.manual_seed(0)
         tokenizer = tiny_tokenizer(16)
-        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                             pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT),
                             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
         return (CLIPModel(config).to(device).eval(), tokenizer,
@@ -1105,24 +1054,11 @@ def toy_world():
 # ======================================================================================================================
 # Processes: the same file under torchrun (one process per GPU), on torch.distributed
 # ======================================================================================================================
-# Every process computes the same global prompt list for a round and takes its own slice of whole groups, so a group
-# is sampled, judged and turned into advantages on one process. LoRA: the weights are replicated and each chunk's
-# gradients are summed with one all-reduce (each term weighs 1 / (chunk x processes x steps): the sum is the global
-# mean). Not DDP: DDP syncs inside each backward and needs as many everywhere, but zero-advantage trajectories get
-# none. --full: FSDP2 shards weights, gradients and optimizer state.
+# Every process takes its own whole groups of the round's global prompt list. LoRA: replicated weights, each chunk's
+# gradients summed in one all-reduce (not DDP, which syncs inside each backward and needs as many on every process, but
+# zero-advantage trajectories get none). --full: FSDP2 shards weights, gradients and optimizer state.
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def init_distributed(args: Args) -> tuple[int, int, torch.device]:
-    """(rank, world size, device), under torchrun after joining the group (nccl and a GPU per process, or gloo)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if dist.is_initialized() else 0), world_size(), device
 
 
 def all_reduce(values: dict, device, op: str = "sum") -> dict:
@@ -1156,7 +1092,6 @@ def shard_transformer(transformer) -> None:
     """FSDP2: one unit per transformer block plus the root. Weights stay float32 (master copy, sharded); on CUDA each
     unit is gathered in bf16 for compute and gradients are reduced in float32. Gradients are summed, not averaged."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
     cuda = transformer.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
     for name in ("transformer_blocks", "single_transformer_blocks"):  # FLUX has both kinds, SD3 the first
@@ -1206,12 +1141,10 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
     checkpoint. LoRA in diffusers' format (a pipeline's load_lora_weights reads it); --full: the whole transformer
     (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name."""
     if args.full:  # a collective under FSDP: every process takes part, rank 0 receives the unsharded tensors
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(pipe.transformer, options=opts)
-        optim = get_optimizer_state_dict(pipe.transformer, optimizer, options=opts)
+        import torch.distributed.checkpoint.state_dict as dcp
+        opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = dcp.get_model_state_dict(pipe.transformer, options=opts)
+        optim = dcp.get_optimizer_state_dict(pipe.transformer, optimizer, options=opts)
     if rank != 0:
         return None
     root = run_dir / "checkpoints"
@@ -1220,7 +1153,6 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
     tmp.mkdir(parents=True)
     if args.full:
         from safetensors.torch import save_file
-
         pipe.transformer.save_config(tmp / "transformer")
         config = json.loads((tmp / "transformer" / "config.json").read_text())  # FSDP2 renamed the class FSDP<name>
         config["_class_name"] = config["_class_name"].removeprefix("FSDP")
@@ -1228,7 +1160,6 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
         save_file(weights, tmp / "transformer" / "diffusion_pytorch_model.safetensors")
     else:
         from peft.utils import get_peft_model_state_dict
-
         optim = optimizer.state_dict()
         type(pipe).save_lora_weights(  # the metadata carries lora_alpha, which the weights alone do not
             tmp, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
@@ -1261,7 +1192,6 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
     """Restore trained weights and optimizer state; returns the round to continue from. LoRA: every process reads the
     (small) files. --full: rank 0 reads them and FSDP broadcasts each tensor, each process keeping its shard."""
     from safetensors.torch import load_file
-
     try:
         state = json.loads((ckpt / "state.json").read_text())
         step = int(state["step"])
@@ -1273,18 +1203,15 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
                  f"{state[changed[0]]}); drop the flag to resume, or start a new run")
     try:
         if args.full:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-
+            import torch.distributed.checkpoint.state_dict as dcp
             first = not dist.is_initialized() or dist.get_rank() == 0
-            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
+            opts = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=world_size() > 1)
             weights = load_file(ckpt / "transformer" / "diffusion_pytorch_model.safetensors") if first else {}
-            set_model_state_dict(pipe.transformer, weights, options=opts)
+            dcp.set_model_state_dict(pipe.transformer, weights, options=opts)
             optim = torch.load(ckpt / "optimizer.pt", weights_only=True) if first else {}
-            set_optimizer_state_dict(pipe.transformer, optimizer, optim, options=opts)
+            dcp.set_optimizer_state_dict(pipe.transformer, optimizer, optim, options=opts)
         else:
             from peft.utils import set_peft_model_state_dict
-
             weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
             result = set_peft_model_state_dict(pipe.transformer, {k.removeprefix("transformer."): v
                                                                   for k, v in weights.items()})
@@ -1321,23 +1248,20 @@ def save_grid(images: list[Image.Image], labels: list[str], columns: int, path: 
 # ======================================================================================================================
 # Training loop
 # ======================================================================================================================
-def group_seed(seed: int, step: int, group: int, stream: int = 0) -> int:
-    """A seed for one group of one round, hashed so that nearby (seed, step, group) give unrelated streams."""
-    return int(np.random.SeedSequence([seed, step, group, stream]).generate_state(1)[0])
-
-
 def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_group: int = 0) -> dict:
     """Section 1 for one round: a group of G SDE trajectories per prompt, all in one batched rollout. Each group draws
     its noise and its trained steps from its own generators, keyed by (seed, step, global group index): processes
     sample different images, and a group does not depend on how many processes share the round."""
-    G, n = args.group_size, len(prompts) * args.group_size
-    groups = range(first_group, first_group + len(prompts))
-    gens = [torch.Generator(device).manual_seed(group_seed(args.seed, step, g)) for g in groups]
+    G, n, groups = args.group_size, len(prompts) * args.group_size, range(first_group, first_group + len(prompts))
+
+    def gen(group: int, stream: int, dev="cpu"):  # hashed, so that nearby (seed, step, group) give unrelated streams
+        return torch.Generator(dev).manual_seed(int(np.random.SeedSequence(
+            [args.seed, step, group, stream]).generate_state(1)[0]))
+    gens = [gen(g, 0, device) for g in groups]
     seq_len, img_ids = latent_geometry(pipe, args.resolution)
     sigmas = sigma_schedule(pipe, args.sample_steps, seq_len, args.shift)
-    sde_mask, trained = step_plan(args.sample_steps, args.sde_window, args.train_fraction,
-                                  [torch.Generator().manual_seed(group_seed(args.seed, step, g, 1)) for g in groups],
-                                  G, torch.Generator().manual_seed(group_seed(args.seed, step, 0, 2)))
+    sde_mask, trained = step_plan(args.sample_steps, args.sde_window, args.train_fraction, [gen(g, 1) for g in groups],
+                                  G, gen(0, 2))
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
     noise = noise.repeat_interleave(G, 0) if args.same_noise else noise
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
@@ -1345,13 +1269,6 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
                                      args.cfg_scale)
     return {"latents": latents, "log_probs": log_probs, "x0": x0, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
             "trained": trained}
-
-
-def held_out(pipe, prompts: list[str], seeds: list[int], args: Args) -> list[Image.Image]:
-    """Images of the fixed held-out prompts and seeds, deterministic sampler (eta = 0)."""
-    return generate_images(pipe, prompts, seeds, steps=args.sample_steps, resolution=args.resolution,
-                           guidance=args.guidance, max_sequence_length=args.max_sequence_length,
-                           cfg_scale=args.cfg_scale, shift=args.shift)
 
 
 def scores(clip, world, prompts, images) -> dict:
@@ -1388,51 +1305,16 @@ def save_images(images: list[Image.Image], folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def start_run(args: Args, run_dir: Path, start: int) -> dict:
-    """args.json of a new run; for a resumed one, the metrics lines of rounds after its checkpoint are dropped (one
-    line per round) and changed flags are recorded beside args.json, which keeps the run's first values."""
-    resolved = dataclasses.asdict(args)
-    if not start:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
-        return resolved
-    path, kept = run_dir / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):  # a line a kill cut short is dropped with the rest
-            kept += [line] if json.loads(line)["step"] <= start else []
-    path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
-    os.replace(path.with_suffix(".tmp"), path)
-    saved = json.loads((run_dir / "args.json").read_text())
-    changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
-    if changed:
-        with open(run_dir / "resumes.jsonl", "a") as f:
-            f.write(json.dumps({"step": start, "changed": changed}) + "\n")
-    print(f"resuming {run_dir} at round {start}" + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
-    return resolved
-
-
-def start_wandb(args: Args, run_dir: Path, config: dict):
-    """Weights & Biases, only when asked for (an optional dependency, imported here and nowhere else)."""
-    try:
-        import wandb
-    except ImportError:
-        sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
-    wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=config, resume="allow",
-               id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
-    return wandb
-
-
 def train(args: Args, judge=None) -> dict:
     """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
     pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
-    world_env, builtin = int(os.environ.get("WORLD_SIZE", 1)), args.model in ("toy", "tiny", "tiny-sd3")
+    world_env = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world_env:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
                  f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
     per_rank = args.prompts_per_step // world_env or 1
-    toy = toy_world() if "toy" in (args.model, args.judge_model) else None
-    checker = toy if args.model == "toy" else None
-    if not builtin:
+    checker = toy_world() if args.model == "toy" else None  # the toy world's model, prompts and checker
+    if args.model not in ("toy", "tiny", "tiny-sd3"):
         check_model_name(args.model, "--model")
         if not args.prompts:
             sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
@@ -1447,24 +1329,33 @@ def train(args: Args, judge=None) -> dict:
         sys.exit(f"error: --output-dir {run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
                  "another folder")
     own_group = not dist.is_initialized()
-    rank, world, device = init_distributed(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # under torchrun: a GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world_env > 1 and own_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
     main, sharded = rank == 0, args.full and world > 1
     if world > 1:  # rank 0's clock names a new run
-        names = [str(run_dir)]
-        dist.broadcast_object_list(names, src=0)
+        dist.broadcast_object_list(names := [str(run_dir)], src=0)
         run_dir = Path(names[0])
     judge = judge or make_judge(args)  # before the (slow) model load: a dead reward server fails at once
     clip = load_clip(args.clip_model, device) if args.clip_model else None
-    pipe = load_pipeline(str(toy.pretrained_model()) if args.model == "toy" else args.model, device)
+    pipe = load_pipeline(str(checker.pretrained_model()) if checker else args.model, device)
     latent_geometry(pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
 
+    def held_out():  # the fixed held-out prompts and seeds, deterministic sampler (eta = 0)
+        return generate_images(pipe, eval_ps, eval_seeds, steps=args.sample_steps, resolution=args.resolution,
+                               guidance=args.guidance, max_sequence_length=args.max_sequence_length,
+                               cfg_scale=args.cfg_scale, shift=args.shift)
     # The initial policy's held-out images, made before any update and kept on disk for resumed runs.
     eval_dir, before = run_dir / "eval", []
     if eval_ps and (main or sharded):  # FSDP forwards are collective: then every process samples
         if main and len(list((eval_dir / "before").glob("*.png"))) == len(eval_ps):
             before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(eval_ps))]
         else:
-            before = held_out(pipe, eval_ps, eval_seeds, args)
+            before = held_out()
             if main:
                 save_images(before, eval_dir / "before")
     initial = scores(clip, checker, eval_ps, before) if main and before else {}
@@ -1474,8 +1365,25 @@ def train(args: Args, judge=None) -> dict:
     if args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda":
         pipe.transformer.enable_gradient_checkpointing()
     start = load_checkpoint(ckpt, pipe, optimizer, args) if ckpt else 0
+    wandb, resolved = None, dataclasses.asdict(args)
+    if main and not start:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
+    elif main:  # resumed: drop metrics of rounds after the checkpoint, record changed flags (args.json keeps the first)
+        path, kept = run_dir / "metrics.jsonl", []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            with contextlib.suppress(ValueError):  # a line a kill cut short is dropped with the rest
+                kept += [line] if json.loads(line)["step"] <= start else []
+        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+        os.replace(path.with_suffix(".tmp"), path)
+        saved = json.loads((run_dir / "args.json").read_text())
+        changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
+        if changed:
+            with open(run_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"step": start, "changed": changed}) + "\n")
+        print(f"resuming {run_dir} at round {start}"
+              + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
     if main:
-        config = start_run(args, run_dir, start)
         overrides = [flag(k) for k in args.given if args.preset and k in PRESETS[args.preset]]
         print(f"run {run_dir} | preset {args.preset or 'none'}"
               f"{' (overridden: ' + ', '.join(overrides) + ')' if overrides else ''} | model {args.model} | "
@@ -1484,7 +1392,13 @@ def train(args: Args, judge=None) -> dict:
               f"{args.judge_model} ({args.judge_order} order) | rounds {start}->{args.train_steps}")
         if args.judge_order != "both":
             print("judge_order_disagree is measured only with --judge-order both")
-    wandb = start_wandb(args, run_dir, config) if main and args.wandb_project else None
+    if main and args.wandb_project:  # an optional dependency, imported here and nowhere else
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
+        wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=resolved,
+                   resume="allow", id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
 
     bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",
                disable=not main)
@@ -1527,7 +1441,7 @@ def train(args: Args, judge=None) -> dict:
                        "peak_mem_gb": all_reduce({"m": peak}, device, "max")["m"],
                        **({"clip_score": gather(clip_r, device).mean().item()} if clip else {})}
             if args.eval_every and (step + 1) % args.eval_every == 0 and before:
-                after = held_out(pipe, eval_ps, eval_seeds, args)
+                after = held_out()
                 if main:
                     metrics["eval_win_rate_vs_initial"] = compare(judge, args, eval_ps, before, after)
                     metrics.update({"eval_" + k: v for k, v in scores(clip, checker, eval_ps, after).items()})
@@ -1558,7 +1472,7 @@ def train(args: Args, judge=None) -> dict:
 
     result = {}
     if before and (main or sharded):  # the final comparison: initial against final policy, held-out prompts/seeds
-        after = held_out(pipe, eval_ps, eval_seeds, args)
+        after = held_out()
     if before and main:
         final = scores(clip, checker, eval_ps, after)
         result = {"win_rate_final_vs_initial": compare(judge, args, eval_ps, before, after),
