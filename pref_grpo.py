@@ -243,8 +243,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Defaults <- preset <- a resumed run's args.json <- the flags given on the command line; then range checks."""
-    values = vars(build_parser().parse_args(argv))
-    given = vars(build_parser(suppress=True).parse_args(argv))
+    values, given = (vars(build_parser(suppress).parse_args(argv)) for suppress in (False, True))
     base = {}
     if given.get("resume"):
         saved = Path(given["resume"])
