@@ -801,8 +801,9 @@ def test_paper_setup_with_hub_ids_for_model_judge_and_clip(hub_cache, tmp_path):
 
 
 def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
-    r = run_cli("--model", HUB_IDS["sd3"], "--judge-model", "colour", "--prompts", str(ROOT / "prompts.jsonl"),
-                "--resolution", "32", "--sample-steps", "3", "--group-size", "2", "--prompts-per-step", "1",
+    r = run_cli("--model", HUB_IDS["sd3"], "--judge-fn", "pref_grpo:colour_judge", "--prompts",
+                str(ROOT / "prompts.jsonl"), "--resolution", "32", "--sample-steps", "3", "--group-size", "2",
+                "--prompts-per-step", "1",
                 "--train-steps", "1", "--eval-seeds", "0", "--max-sequence-length", "16", "--lora-rank", "4",
                 "--output-dir", str(tmp_path / "run"), env=offline_env(hub_cache))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -810,7 +811,7 @@ def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
 
 
 def test_unknown_or_gated_hub_ids_are_one_line_errors_saying_what_to_do(hub_cache, tmp_path):
-    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope", "--judge-model", "colour"], "--model"),
+    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope"], "--model"),
                            (["--model", "tiny", "--judge-model", "CodeGoat24/nope"], "--judge-model"),
                            (["--model", "tiny", "--clip-model", "apple/nope", "--clip-weight", "1"], "--clip-model")]:
         r = run_cli(*flags, "--prompts", str(ROOT / "prompts.jsonl"), "--output-dir", str(tmp_path / "r"),
@@ -841,7 +842,7 @@ def test_presets_set_the_official_values_and_flags_override_them():
     lora = pg.parse_args(["--preset", "pref-grpo-flux-lora", "--lr", "2e-5"])
     assert (lora.full, lora.lora_rank, lora.lora_alpha, lora.pref_weight, lora.clip_weight, lora.lr) == (
         False, 64, 128.0, 0.4, 0.6, 2e-5)
-    assert pg.parse_args(["--model", "tiny"]).preset == "demo" and pg.parse_args(["--model", "x/y"]).preset is None
+    assert pg.parse_args(["--model", "tiny"]).preset == "tiny" and pg.parse_args(["--model", "x/y"]).preset is None
 
 
 def test_copied_alone_the_script_trains_against_a_judge_server_and_in_process(server, hub_cache, tmp_path):
