@@ -686,13 +686,21 @@ def hub_error(name: str, err: Exception, what: str) -> str:
     if "LocalEntryNotFound" in kind or re.search(r"offline|not fully cached|outgoing traffic|requested files", text):
         return (f"error: {what} {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
                 f"(offline?): download it first (`hf download {name}`) or pass a local folder")
-    return f"error: cannot load {what} {name!r}: {text.strip().splitlines()[0] if text.strip() else kind}"
+    return f"error: cannot load {what} {name!r}: {' '.join(text.split())[:300] or kind}"
 
 
 def check_model_name(name: str, what: str) -> None:
-    """A folder must exist; `org/name` is a hub id (the hub library resolves it, from its cache when offline)."""
+    """A folder must exist, with every component its model_index.json names; `org/name` is a hub id (the hub library
+    resolves it, from its cache when offline)."""
     if not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         sys.exit(f"error: {what} {name!r}: no such folder, and not a hub id (org/name)")
+    try:
+        parts = json.loads((Path(name) / "model_index.json").read_text()) if os.path.isdir(name) else {}
+    except (OSError, ValueError):
+        parts = {}  # not a pipeline folder (a judge, CLIP), or one the loader will name the fault of
+    for part, (library, _) in ((k, v) for k, v in parts.items() if isinstance(v, list) and len(v) == 2):
+        if library and not (Path(name) / part).is_dir():
+            sys.exit(f"error: {what} {name}: its model_index.json names a {part!r} component, but {part}/ is missing")
 
 
 def load_pipeline(model: str, device=None, dtype=None):
@@ -1068,6 +1076,9 @@ def make_judge(args: Args):
     if args.judge_fn:
         return user_function(args.judge_fn, "--judge-fn", pairwise=True)
     url, key_env, generate = args.judge_url, args.judge_api_key_env, args.judge_mode == "generate"
+    if not url and args.judge_model == Args.judge_model:  # a served name, not a model to load here
+        sys.exit(f"error: no judge: pass --judge-url (a reward server serving {args.judge_model}), --judge-model (a "
+                 "Qwen-VL hub id or folder, run in this process) or --judge-fn module:function")
     served = served_models(url, key_env) if url else None
     if served and args.judge_model not in served:
         sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "

@@ -801,9 +801,9 @@ def test_paper_setup_with_hub_ids_for_model_judge_and_clip(hub_cache, tmp_path):
 
 
 def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
-    r = run_cli("--model", HUB_IDS["sd3"], "--judge-fn", "pref_grpo:colour_judge", "--prompts",
-                str(ROOT / "prompts.jsonl"), "--resolution", "32", "--sample-steps", "3", "--group-size", "2",
-                "--prompts-per-step", "1",
+    (tmp_path / "p.txt").write_text("a red car\na blue bird\n")  # colours: the colour judge gives verdicts
+    r = run_cli("--model", HUB_IDS["sd3"], "--judge-fn", "pref_grpo:colour_judge", "--prompts", str(tmp_path / "p.txt"),
+                "--resolution", "32", "--sample-steps", "3", "--group-size", "2", "--prompts-per-step", "1",
                 "--train-steps", "1", "--eval-seeds", "0", "--max-sequence-length", "16", "--lora-rank", "4",
                 "--output-dir", str(tmp_path / "run"), env=offline_env(hub_cache))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -811,7 +811,8 @@ def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
 
 
 def test_unknown_or_gated_hub_ids_are_one_line_errors_saying_what_to_do(hub_cache, tmp_path):
-    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope"], "--model"),
+    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope", "--judge-fn", "pref_grpo:colour_judge"],
+                            "--model"),
                            (["--model", "tiny", "--judge-model", "CodeGoat24/nope"], "--judge-model"),
                            (["--model", "tiny", "--clip-model", "apple/nope", "--clip-weight", "1"], "--clip-model")]:
         r = run_cli(*flags, "--prompts", str(ROOT / "prompts.jsonl"), "--output-dir", str(tmp_path / "r"),
