@@ -2,6 +2,7 @@
 loads; nothing a user wrote is deleted; nothing non-finite is saved (pref_grpo.py)."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -220,3 +221,45 @@ def test_prompt_files_are_read_by_their_content_not_their_name(tmp_path):
     (tmp_path / "weird.jsonl").write_text('{"caption": "a red car"}\n')
     with pytest.raises(SystemExit, match=r"weird.jsonl:1: expected a non-empty prompt"):
         pg.load_prompts(str(tmp_path / "weird.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's tables tell the truth
+# ---------------------------------------------------------------------------------------------------------------------
+def readme_table(heading: str) -> list[list[str]]:
+    """The backticked names in the first column of each row of the README table under `heading`."""
+    text = (ROOT / "README.md").read_text().split(heading, 1)[1].split("\n\n", 2)[1]
+    return [re.findall(r"`([^`]+)`", line.split("|")[1]) for line in text.splitlines() if line.startswith("| `")]
+
+
+def test_the_readme_tells_the_truth_about_what_a_run_saves_and_logs(tmp_path):
+    class Handler(JSONHandler):
+        def do_GET(self):
+            self.send_json(200, {"object": "list", "data": [{"id": "UnifiedReward", "object": "model"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_json(200, {"choices": [{"message": {"content": "<answer>Image 1 is better</answer>"}}]})
+
+    srv, run = LocalServer(Handler), tmp_path / "run"
+    try:  # every optional metric on: CLIP, KL, both orders, held-out evaluation; then a resume that changes a flag
+        r = run_cli(*FAST, "--train-steps", "2", "--judge-url", srv.url, "--judge-order", "both", "--clip-model",
+                    "tiny", "--clip-weight", "1", "--kl-beta", "0.1", "--eval-every", "1", "--eval-seeds", "1",
+                    "--eval-count", "2", "--save-every", "1", "--output-dir", str(run))
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = run_cli("--resume", str(run), "--train-steps", "3", "--sample-every", "2")
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        srv.close()
+    for (name, *more) in readme_table("### What a run saves"):
+        for path in (name, *more):
+            assert list(run.glob(path.rstrip("/"))), path
+    documented = {name for row in readme_table("### Metrics") for name in row}
+    produced = {key for line in (run / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
+    patterns = {name.split("<")[0] for name in documented if "<" in name}
+    assert {k for k in produced if k not in documented and not k.startswith(tuple(patterns))} == set()
+    assert {k for k in documented if "<" not in k} - produced == set()
+    saved = json.loads((run / "args.json").read_text())
+    assert set(saved) == set(pg.Args.__dataclass_fields__)
+    assert saved["device"] == "cpu" and saved["grad_checkpointing"] is False and saved["judge_url"] == srv.url
+    assert json.loads((run / "resumes.jsonl").read_text())["changed"]["sample_every"] == [1, 2]
