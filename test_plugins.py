@@ -13,8 +13,8 @@ import pytest
 import pref_grpo as pg
 
 ROOT = Path(__file__).resolve().parent
-FAST = ["--resolution", "32", "--sample-steps", "3", "--group-size", "3", "--prompts-per-step", "2", "--eval-seeds", "0",
-        "--max-sequence-length", "16"]
+FAST = ["--resolution", "32", "--sample-steps", "3", "--group-size", "3", "--prompts-per-step", "2",
+        "--eval-seeds", "0", "--max-sequence-length", "16"]
 
 MY_REWARDS = '''
 import json, os
@@ -118,8 +118,8 @@ def test_scorer_and_held_out_metrics_of_your_own(alone):
     lines = metrics(alone / "run")
     assert all(0 < m["my_mean_brightness"] < 1 and "eval_bright" in m and "eval_brightness" in m for m in lines)
     result = json.loads((alone / "run" / "eval" / "eval.json").read_text())
-    assert result["images"] == 4 and {"bright_initial", "bright_final", "brightness_initial", "brightness_final"} <= set(
-        result)
+    assert result["images"] == 4
+    assert {"bright_initial", "bright_final", "brightness_initial", "brightness_final"} <= set(result)
     assert (alone / "run" / "eval" / "before_after.png").exists()
     r = run(alone, "--model", "tiny", "--reward", "pointwise", "--train-steps", "1", "--output-dir", "run2",
             "--scorer-fn", "")
