@@ -1094,13 +1094,13 @@ def load_clip(name: str, device, as_trained: bool = False) -> tuple:
     "ViT-H-14", pretrained=<the DFN5B-378 weights>)): official_clip's model and open_clip's 224-px preprocessing, which
     CLIPImageProcessorPil's defaults are (short side to 224 bicubic, centre crop, OpenAI mean and std)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-    if name == "tiny":  # QuickGELU, as CLIPConfig's default and DFN5B
+    if name == "tiny":  # DFN5B-CLIP-ViT-H-14-378's geometry and QuickGELU (CLIPConfig's default), 2 narrow layers
         torch.manual_seed(0)
         tokenizer = tiny_tokenizer(16)
         model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT), projection_dim=16,
                                      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=2, image_size=32, patch_size=8)))
-        processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32)
+                                                        num_attention_heads=2, image_size=378, patch_size=14)))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 378}, crop_size=378)
     else:
         check_model_name(name, "--clip-model")
         try:
