@@ -118,7 +118,7 @@ class Args:
     judge_mode: Literal["generate", "logits"] = "generate"
     """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
     judge_prompt: Literal["unifiedreward-think", "unifiedreward-think-qwen3vl"] = "unifiedreward-think"
-    """the judge's prompt, as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
+    """the judge's prompt as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
     """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
@@ -194,13 +194,14 @@ class Args:
 # The official runs by name (CodeGoat24/Pref-GRPO; every value with its file and line in docs/recipe.md), each the
 # global recipe on any number of processes: 64 prompts x G = 8 a round, an update every 256 trajectories, 3 epochs of
 # the 10,000 training prompts (157 rounds each on 64 GPUs). Flags given on the command line override them.
-PAPER_RUN = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0, group_size=8,
-             guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4, adv_clip=5.0,
-             train_fraction=0.6, prompts_per_step=64, accum=256, train_steps=471, max_sequence_length=512,
-             judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first", judge_retries=9,
-             clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20, full=True, pref_weight=0.7, clip_weight=1.4)
-HEAD_RUN = {**PAPER_RUN, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True, "judge_max_tokens": 4096,
-        "judge_prompt": "unifiedreward-think-qwen3vl", "judge_timeout": 160.0}
+PAPER_RUN = dict(model="black-forest-labs/FLUX.1-dev", full=True, resolution=720, sample_steps=25, eta=0.7, shift=3.0,
+                 group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
+                 adv_clip=5.0, train_fraction=0.6, prompts_per_step=64, accum=256, train_batch_size=1, train_steps=471,
+                 max_sequence_length=512, judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
+                 judge_retries=9, clip_model="apple/DFN5B-CLIP-ViT-H-14-378", pref_weight=0.7, clip_weight=1.4,
+                 save_every=20)
+HEAD_RUN = {**PAPER_RUN, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True,
+            "judge_prompt": "unifiedreward-think-qwen3vl", "judge_max_tokens": 4096, "judge_timeout": 160.0}
 PRESETS = {
     "pref-grpo-flux": PAPER_RUN,  # the paper's run: 0bd1a34 finetune_prefgrpo_flux.sh + train_flux_pref_grpo.py
     "pref-grpo-flux-head": HEAD_RUN,  # 3e787f6 scripts/full_train/ur_think_prefgrpo_flux.sh + _common_finetune.sh
@@ -1104,8 +1105,8 @@ def load_clip(name: str, device, as_trained: bool = False) -> tuple:
     else:
         check_model_name(name, "--clip-model")
         try:
-            model, tokenizer, processor = (CLIPModel.from_pretrained(name, dtype=torch.float32),
-                                           AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name))
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32)  # float32, as open_clip's default
+            tokenizer, processor = AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError, TypeError, KeyError) as err:
             sys.exit(hub_error(name, err, "--clip-model"))
     if not as_trained:

@@ -845,6 +845,7 @@ def test_presets_set_the_official_values_and_flags_override_them():
                  adv_clip=5.0, train_fraction=0.6, max_sequence_length=512, kl_beta=0.0, cfg_scale=1.0,
                  same_noise=True, sde_window=0, save_every=20, judge_retries=9,
                  prompts_per_step=64, accum=256, train_steps=471,  # 64 x 8 a round, 2 updates, 3 x 157 rounds
+                 train_batch_size=1,  # one trajectory per forward, as there (and memory-safe for a 12B model)
                  clip_model="apple/DFN5B-CLIP-ViT-H-14-378", clip_as_trained=False, pref_weight=0.7, clip_weight=1.4,
                  judge_model="UnifiedReward", judge_prompt="unifiedreward-think", judge_max_tokens=2048,
                  judge_order="first", judge_timeout=300.0, rationorm=False, gdpo=False)

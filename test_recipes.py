@@ -275,7 +275,7 @@ def test_update_j_takes_the_j_th_slice_of_every_group(monkeypatch):
     args, pipe, params, opt = fresh("--group-size", "4", "--accum", "4")
     batch = pg.sample_batch(pipe, ["a red apple", "a blue car"], 0, args, torch.device("cpu"))
     seen, real = [], pg.transition
-    monkeypatch.setattr(pg, "transition", lambda p, b, idx, *a: seen.append(sorted(idx.tolist())) or real(p, b, idx, *a))
+    monkeypatch.setattr(pg, "transition", lambda p, b, i, *a: seen.append(sorted(i.tolist())) or real(p, b, i, *a))
     stats = pg.train_step(pipe, params, opt, batch, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2), args)
     k = batch["trained"].shape[1]
     assert stats["updates"] == 2 and seen == [[0, 1, 4, 5]] * k + [[2, 3, 6, 7]] * k
