@@ -584,13 +584,12 @@ def accumulation(accum: int, world: int, per_process: int) -> tuple[int, str]:
 
 
 def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
-    """Section 5 for one round. An optimizer update per --accum trajectories of all processes: its loss is the mean
-    over them and their trained transitions. Update j takes the j-th slice of every group (official: each GPU's first
-    4 of 8, then the last 4), so a round's updates do not depend on the number of processes. Updates after the first
-    are off-policy (the weights moved since sampling: the ratio leaves 1 and the clip acts). Zero-advantage
-    trajectories get no forward/backward (their loss is exactly 0), but an update still steps when all of its have
-    zero advantage, as officially (AdamW's momentum and weight decay move the weights). A non-finite loss or gradient
-    norm raises FloatingPointError before the step."""
+    """Section 5 for one round: an optimizer update per --accum trajectories of all processes, its loss the mean over
+    them and their trained transitions. Update j takes the j-th slice of every group (official: each GPU's first 4 of
+    8, then the last 4) on any number of processes; it is off-policy after the first (the ratio leaves 1, the clip
+    acts). Zero-advantage trajectories run no forward/backward, yet an update of only those still steps, as
+    officially (AdamW's momentum and weight decay move the weights). A non-finite loss or gradient norm raises
+    FloatingPointError."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
     (n, k), sharded, size = trained.shape, args.full and world > 1, accumulation(args.accum, world, trained.shape[0])[0]
     order = torch.arange(n).view(-1, args.group_size).t().flatten()  # every group's first trajectories, then ...
