@@ -18,7 +18,7 @@ Launch:
   vllm serve CodeGoat24/UnifiedReward-Think-qwen-7b --served-model-name UnifiedReward --port 8080 \\
       --limit-mm-per-prompt '{"image": 2}'            # the reward model, on GPUs of its own
   torchrun --nproc_per_node 8 pref_grpo.py --preset pref-grpo-flux --prompts train_prompt.txt \\
-      --judge-url http://localhost:8080/v1            # the paper's run on FLUX.1-dev
+      --judge-url http://localhost:8080/v1            # the paper's run on FLUX.1-dev (docs/recipe.md)
   python pref_grpo.py --resume runs/RUN               # continue a run from its latest checkpoint
   python pref_grpo.py --help                          # every flag, grouped, with its default
 """
@@ -124,6 +124,8 @@ class Args:
     """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
     judge_mode: Literal["generate", "logits"] = "generate"
     """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
+    judge_prompt: Literal["unifiedreward-think", "unifiedreward-think-qwen3vl"] = "unifiedreward-think"
+    """the judge's prompt as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
     """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
@@ -144,6 +146,8 @@ class Args:
     """environment variable holding the reward server's API key (never printed)"""
     clip_model: str | None = None
     """CLIP model of the CLIP-score reward (hub id or folder, e.g. apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off"""
+    clip_as_trained: bool = False
+    """run the CLIP model as trained (DFN5B: 378 px, QuickGELU); default: as the official reward, 224 px and GELU"""
     pref_weight: float = 1.0
     """weight of the z-scored win rates in the advantage"""
     clip_weight: float = 0.0
@@ -152,10 +156,14 @@ class Args:
     # --- advantages and loss
     adv_clip: float = 5.0
     """advantages are clamped to [-adv_clip, adv_clip]"""
+    gdpo: bool = False
+    """GDPO (official --apply_gdpo): z-score the weighted advantages again over the whole round, all processes'"""
     clip_range: float = 1e-4
     """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
     kl_beta: float = 0.0
     """weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO"""
+    rationorm: bool = False
+    """the official --rationorm: log-ratio plus the step means' gap, times the step's noise std; loss / |dt|"""
 
     # --- optimisation
     lr: float = 1e-5
@@ -165,9 +173,9 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     accum: int = 4
-    """trajectories per process per optimizer update (official: 4 of 8, the second update off-policy); 0: all"""
+    """trajectories per optimizer update over all processes, each accumulating its share (official: 256); 0: all"""
     train_batch_size: int = 0
-    """trajectories per training forward/backward (memory); 0: as many as --accum"""
+    """trajectories per training forward/backward (memory); 0: this process's whole share of --accum"""
     full: bool = False
     """full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)"""
     lora_rank: int = 64
@@ -196,16 +204,21 @@ class Args:
     """also log to this Weights & Biases project (pip install wandb); metrics.jsonl stays the record"""
 
 
-# Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
-# the command line override them. What the official code does and this file does not is listed in docs/recipe.md.
-OFFICIAL = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0, group_size=8,
-                guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4, adv_clip=5.0,
-                train_fraction=0.6, accum=4, max_sequence_length=512, prompts_per_step=0, judge_model="UnifiedReward",
-                judge_max_tokens=2048, judge_order="first", clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20)
+# The official runs by name (CodeGoat24/Pref-GRPO; every value with its file and line in docs/recipe.md), each the
+# global recipe on any number of processes: 64 prompts x G = 8 a round, an update every 256 trajectories, 3 epochs of
+# the 10,000 training prompts (157 rounds each on 64 GPUs). Flags given on the command line override them.
+PAPER_RUN = dict(model="black-forest-labs/FLUX.1-dev", full=True, resolution=720, sample_steps=25, eta=0.7, shift=3.0,
+                 group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
+                 adv_clip=5.0, train_fraction=0.6, prompts_per_step=64, accum=256, train_batch_size=1, train_steps=471,
+                 max_sequence_length=512, judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
+                 judge_retries=9, clip_model="apple/DFN5B-CLIP-ViT-H-14-378", pref_weight=0.7, clip_weight=1.4,
+                 save_every=20)
+HEAD_RUN = {**PAPER_RUN, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True,
+            "judge_prompt": "unifiedreward-think-qwen3vl", "judge_max_tokens": 4096, "judge_timeout": 160.0}
 PRESETS = {
-    "pref-grpo-flux": {**OFFICIAL, "full": True, "pref_weight": 0.7, "clip_weight": 1.4},
-    "pref-grpo-flux-lora": {**OFFICIAL, "full": False, "lora_rank": 64, "lora_alpha": 128.0, "pref_weight": 0.4,
-                            "clip_weight": 0.6},
+    "pref-grpo-flux": PAPER_RUN,  # the paper's run: 0bd1a34 finetune_prefgrpo_flux.sh + train_flux_pref_grpo.py
+    "pref-grpo-flux-head": HEAD_RUN,  # 3e787f6 scripts/full_train/ur_think_prefgrpo_flux.sh + _common_finetune.sh
+    "pref-grpo-flux-head-lora": {**HEAD_RUN, "full": False, "lora_rank": 64, "lora_alpha": 128.0},  # scripts/lora/...
     # The smoke test on the random tiny models (seconds on a CPU), with the colour judge and prompts of this file.
     "tiny": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8,
                  lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40,
@@ -390,16 +403,18 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
 
 @torch.no_grad()
 def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
-            cfg_scale: float = 1.0):
+            cfg_scale: float = 1.0, means: list | None = None):
     """Denoise the whole batch, one transformer call per step. Returns all latents (n, T+1, ...), the transitions'
     log-probs (n, T; 0 on Euler steps) and the last x0-prediction x - sigma v: the image to judge, without the noise
-    the last SDE step adds."""
+    the last SDE step adds. A list given as `means` collects each step's mean (--rationorm needs them)."""
     x, latents, log_probs = noise.float(), [noise.float()], []
     for i in range(len(sigmas) - 1):
         v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
         x0 = x - float(sigmas[i]) * v.float()
-        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0,
-                               float(sigmas[1]), generator=generator)
+        x, lp, mean, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0,
+                                  float(sigmas[1]), generator=generator)
+        if means is not None:
+            means.append(mean)
         latents.append(x)
         log_probs.append(lp)
     return torch.stack(latents, 1), torch.stack(log_probs, 1), x0
@@ -438,6 +453,49 @@ UNIFIEDREWARD_THINK_PROMPT = (
     "</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final answer are "
     "placeholders meant only to demonstrate the format. Your actual evaluation should be based on the quality of two "
     "given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
+# UnifiedReward-Think-qwen3vl-8b's pairwise prompt, byte for byte as the official trainer sends it since 2025-12
+# (CodeGoat24/Pref-GRPO fastvideo/rewards/templates.py get_unifiedreward_think_image_template; Pref-GRPO's licence
+# terms, the UnifiedReward models MIT); same verdict format. The indentation and the trailing spaces are its own.
+UNIFIEDREWARD_THINK_QWEN3VL_PROMPT = (
+    "You are an objective and precise evaluator for image quality comparison. I will provide you with a text "
+    "caption and two images generated based on this caption. You must analyze the two images carefully and "
+    "determine which image is better.\n\n        Evaluation procedure:\n\n"
+    "        1. The caption for the generated images is: 「{prompt}」. You must evaluate the two images across these "
+    "core dimensions:\n        - Semantic consistency (how closely the image content aligns with the caption)\n"
+    "        - Aesthetics (composition, color usage, artistic expression)\n"
+    "        - Authenticity (realism and attention to detail)\n\n"
+    "        2. You are also encouraged to add up to two additional evaluation dimensions if they are relevant to "
+    "the specific caption or images (e.g., creativity, spatial layout, fine-grained detail). If no extra "
+    "dimensions are relevant, just keep the three core dimensions.\n\n        3. For each evaluation dimension:\n"
+    "        - Provide a score between 1–10 for both Image 1 and Image 2\n"
+    "        - Provide a short rationale for each score (2–5 short sentences)\n"
+    "        - The evaluation must follow exactly this format with line breaks and indentation:\n"
+    "            Dimension name: \n                Image 1 (x/10) - rationale; \n"
+    "                Image 2 (y/10) - rationale\n\n"
+    "        4. After evaluating all dimensions, calculate the total score for each image and show the calculation "
+    "explicitly, following this exact format:\n            Total score:\n            Image 1: x+x+x=total\n"
+    "            Image 2: y+y+y=total\n\n"
+    "        5. Wrap all reasoning and scoring strictly within <think> and </think> tags.\n\n"
+    "        6. After </think>, output the final judgment strictly inside <answer> and </answer> tags, containing "
+    "only one of:\n        - Image 1 is better\n        - Image 2 is better\n\n        Constraints:\n"
+    "        - You must strictly follow the line breaks, indentation, and formatting shown in the example below.\n"
+    "        - Do not merge multiple dimensions into one line. Each dimension must follow the 3-line block format "
+    "shown below.\n        - Do not use Markdown formatting, bullet points, bold text, or headings.\n"
+    "        - Do not output explanations outside <think> and <answer>.\n"
+    "        - The <answer> tag must contain only the final string with no extra words.\n\n"
+    "        Required output format:\n\n        <think>\n        1. Semantic consistency: \n"
+    "            Image 1 (9/10) - ...; \n            Image 2 (7/10) - ...\n        2. Aesthetics: \n"
+    "            Image 1 (8/10) - ...; \n            Image 2 (8/10) - ...\n        3. Authenticity: \n"
+    "            Image 1 (8/10) - ...; \n            Image 2 (5/10) - ...\n        [Additional dimension if any]: \n"
+    "            Image 1 (7/10) - ...; \n            Image 2 (8/10) - ...\n        [Additional dimension if any]: \n"
+    "            Image 1 (6/10) - ...; \n            Image 2 (7/10) - ...\n        Total score:\n"
+    "        Image 1: 9+8+8+7+6=38\n        Image 2: 7+8+5+8+7=35\n        </think>\n"
+    "        <answer>Image 1 is better</answer>\n\n"
+    "        Note: The example above is only to illustrate the exact format (line breaks, indentation, symbols, "
+    "and style). Your actual evaluation must follow this format exactly, but be based on the given caption and "
+    "images.\n        ")
+JUDGE_PROMPTS = {"unifiedreward-think": UNIFIEDREWARD_THINK_PROMPT,
+                 "unifiedreward-think-qwen3vl": UNIFIEDREWARD_THINK_QWEN3VL_PROMPT}
 # Logits mode (ours, not a trained format): the reply prefilled with a neutral <think> block and the answer up to the
 # image number, so one forward pass gives P("1") vs P("2"). The trailing space: Qwen tokenizes space and digit apart.
 LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
@@ -445,13 +503,13 @@ LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthet
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def judge_text(prompt: str) -> str:
-    return UNIFIEDREWARD_THINK_PROMPT.replace("{prompt}", prompt)  # not .format: a prompt may hold braces
+def judge_text(prompt: str, template: str = "unifiedreward-think") -> str:
+    return JUDGE_PROMPTS[template].replace("{prompt}", prompt)  # not .format: a prompt may hold braces
 
 
 def parse_verdict(reply: str | None) -> float | None:
-    """As the official trainer reads a reply: the first <answer> with "Image 1 is better" -> 1.0, "Image 2 is better"
-    -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
+    """As the official trainer reads a reply of either prompt: the first <answer> with "Image 1 is better" -> 1.0,
+    "Image 2 is better" -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
     m = ANSWER.search(reply) if isinstance(reply, str) else None
     return None if not m else 1.0 if "Image 1 is better" in m[1] else 0.0 if "Image 2 is better" in m[1] else None
 
@@ -520,10 +578,21 @@ def group_zscore(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(z), z)
 
 
-def group_advantages(rewards: list[torch.Tensor], weights: list[float], clip: float = 5.0) -> torch.Tensor:
+def round_zscore(adv: torch.Tensor, device="cpu", eps: float = 1e-8) -> torch.Tensor:
+    """GDPO: (A - mean) / (std + eps) over every trajectory of the round on all processes (Bessel-corrected std, as
+    the official --apply_gdpo). Only sums cross processes: n, sum A, sum A^2."""
+    s = all_reduce({"n": adv.numel(), "sum": adv.sum().item(), "sq": adv.double().pow(2).sum().item()}, device)
+    mean = s["sum"] / s["n"]
+    return (adv - mean) / (math.sqrt(max(s["sq"] - s["n"] * mean**2, 0.0) / (s["n"] - 1)) + eps)
+
+
+def group_advantages(rewards: list[torch.Tensor], weights: list[float], clip: float = 5.0, gdpo: bool = False,
+                     device="cpu") -> torch.Tensor:
     """A = sum_k w_k z(r_k), each reward z-scored inside its group (win rates and CLIP scores live on different
-    scales), clamped to [-clip, clip] (official: 0.7 z(win rate) + 1.4 z(CLIP cosine), clamp 5)."""
-    return sum(w * group_zscore(r) for r, w in zip(rewards, weights)).clamp(-clip, clip)
+    scales), with --gdpo z-scored again over the round, clamped to [-clip, clip] (paper: 0.7 z(win rate) + 1.4
+    z(CLIP cosine), clamp 5). GDPO keeps only the weights' ratio: 0.4 : 0.6 is 2 : 3."""
+    adv = sum(w * group_zscore(r) for r, w in zip(rewards, weights))
+    return (round_zscore(adv, device) if gdpo else adv).clamp(-clip, clip)
 
 
 # ======================================================================================================================
@@ -546,6 +615,15 @@ def flow_grpo_kl(mean, base_mean, std_t) -> torch.Tensor:
     return ((mean - base_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_t.flatten() ** 2)
 
 
+def rationorm(log_prob, old_log_prob, mean, old_mean, std_t, dt):
+    """The official --rationorm, per row: with s = std_t sqrt(|dt|) the step's noise std, log r = s (log_prob -
+    old_log_prob + mean |mean - old_mean|^2 / (2 s^2)), that is the mean of the step's sampled unit noise times the
+    policy's shift of the mean; the loss term is then divided by |dt|. Returns (log r, 1 / |dt|)."""
+    s = std_t.flatten() * dt.abs().sqrt()
+    gap = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * s**2)
+    return (log_prob - old_log_prob + gap) * s, 1 / dt.abs()
+
+
 def transition(pipe, batch: dict, idx, steps, args: Args):
     """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r] under the current weights: (log-prob of the stored
     next latent, with gradient; the step's mean; std_t)."""
@@ -555,22 +633,35 @@ def transition(pipe, batch: dict, idx, steps, args: Args):
     return sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])[1:]
 
 
+def accumulation(accum: int, world: int, per_process: int) -> tuple[int, str]:
+    """--accum is global: trajectories per optimizer update over all processes, each process accumulating accum / world
+    of its own (0: all of them, one update a round). Returns that share and a line for the start-up message."""
+    if accum % world:
+        sys.exit(f"error: --accum ({accum}) counts trajectories per update over all {world} processes and must be a "
+                 f"multiple of {world}")
+    share = min(accum // world or per_process, per_process)
+    full, rest = divmod(per_process, share)
+    return share, (f"{full + (rest > 0)} update(s) a round over {share * world} trajectories each ({share} per "
+                   f"process){f', the last over {rest * world}' if rest else ''}")
+
+
 def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
-    """Section 5 for one round. This process's trajectories are cut into chunks of --accum; each chunk's loss (mean
-    over its trajectories, all processes', and their trained transitions) is one optimizer update. Chunks after the
-    first are off-policy (the weights moved since sampling: the ratio leaves 1 and the clip acts). Zero-advantage
-    trajectories get no forward/backward (their loss is exactly 0)."""
+    """Section 5 for one round: an optimizer update per --accum trajectories of all processes, its loss the mean over
+    them and their trained transitions. Update j takes the j-th slice of every group (official: each GPU's first 4 of
+    8, then the last 4) on any number of processes; it is off-policy after the first (the ratio leaves 1, the clip
+    acts). Zero-advantage trajectories run no forward/backward, yet an update of only those still steps, as
+    officially (AdamW's momentum and weight decay move the weights). A non-finite loss or gradient norm raises
+    FloatingPointError."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
-    (n, k), sharded, size = trained.shape, args.full and world > 1, args.accum or trained.shape[0]
+    (n, k), sharded, size = trained.shape, args.full and world > 1, accumulation(args.accum, world, trained.shape[0])[0]
+    order = torch.arange(n).view(-1, args.group_size).t().flatten()  # every group's first trajectories, then ...
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
-    out, terms = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
+    out, terms = {"updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
     pipe.transformer.train()
     for start in range(0, n, size):
-        chunk = torch.arange(start, min(start + size, n))
-        keep = chunk[adv[chunk] != 0]
-        if all_reduce({"n": len(keep)}, dev)["n"] == 0:
-            continue
-        weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the chunk's trajectories
+        chunk = order[start:start + size]
+        keep, finite = chunk[adv[chunk] != 0], True
+        weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the update's trajectories
         micro = list(keep.split(args.train_batch_size or size)) if len(keep) else []
         if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes
             micro += [keep[:0]] * (int(all_reduce({"n": len(micro)}, dev, "max")["n"]) - len(micro))
@@ -578,30 +669,39 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
             w, rows = weight * len(idx), len(idx)  # statistics: a mean over the real (trajectory, transition) terms
             idx = idx if len(idx) else chunk[:1]  # a padding pass carries weight 0
             for j in range(k):
-                lp, mean, std_t = transition(pipe, batch, idx, trained[idx, j], args)
-                loss, s = grpo_loss(lp, batch["log_probs"][idx, trained[idx, j]], adv[idx].to(lp.device),
-                                    args.clip_range)
+                steps = trained[idx, j]
+                lp, mean, std_t = transition(pipe, batch, idx, steps, args)
+                old, a = batch["log_probs"][idx, steps], adv[idx].to(lp.device)
+                if args.rationorm:
+                    dt = (batch["sigmas"][steps + 1] - batch["sigmas"][steps]).to(lp.device)
+                    lp, scale = rationorm(lp, old, mean, batch["means"][idx, steps], std_t, dt)
+                    old, a = torch.zeros_like(old), a * scale  # a positive factor per row passes through the max
+                loss, s = grpo_loss(lp, old, a, args.clip_range)
                 if args.kl_beta:  # Flow-GRPO's KL to the base model on the same transition
                     with torch.no_grad(), adapters_off(pipe.transformer):
-                        base_mean = transition(pipe, batch, idx, trained[idx, j], args)[1]
+                        base_mean = transition(pipe, batch, idx, steps, args)[1]
                     kl = flow_grpo_kl(mean, base_mean, std_t).mean()
                     loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
                 (loss * w).backward()
+                s["loss"] = loss.item()
+                finite &= math.isfinite(s["loss"])
                 out["ratio_dev"] = max(out["ratio_dev"], s.pop("ratio_dev") if rows else 0.0)
-                for key, value in [*s.items(), ("loss", loss.item())]:
+                for key, value in s.items():
                     sums[key] += value * rows
                 terms += rows
         if world > 1 and not sharded:
             sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-        if math.isfinite(norm):
-            optimizer.step()
-            out["updates"] += 1
-            out["grad_norm"] = max(out["grad_norm"], norm)
-        else:  # a NaN/inf loss or gradient must not poison the weights: drop this update, keep training
-            out["skipped_updates"] += 1
+        bad_loss = all_reduce({"bad": not finite}, dev, "max")["bad"]  # the same verdict on every process
+        if bad_loss or not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)  # the weights stay as they were: the caller stops the run
+            raise FloatingPointError("non-finite loss" if bad_loss else f"non-finite gradient norm ({norm})")
+        for p in params:  # no gradient (all advantages 0) is a zero gradient: AdamW skips parameters without one
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        out["updates"], out["grad_norm"] = out["updates"] + 1, max(out["grad_norm"], norm)
     pipe.transformer.eval()
     sums = all_reduce({**sums, "terms": terms}, dev)
     terms = max(sums.pop("terms"), 1)
@@ -738,8 +838,8 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
-        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS))
+        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                           target_modules=LORA_TARGETS))  # official: Kaiming-uniform A, zero B
     for p in (p for p in transformer.parameters() if p.requires_grad):
         p.data = p.data.float()
     if args.full and world_size() > 1:
@@ -1093,7 +1193,7 @@ def make_judge(args: Args):
 
     def judge(prompts, firsts, seconds):
         start = time.perf_counter()
-        requests = [(judge_text(p), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
+        requests = [(judge_text(p, args.judge_prompt), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
         stats = {"failed": 0, "attempts": len(requests), "errors": []}
         if url:
             replies, stats = server_chat(requests, url, args.judge_model, **transport)
@@ -1115,23 +1215,48 @@ def make_judge(args: Args):
     return judge
 
 
-def load_clip(name: str, device) -> tuple:
-    """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one."""
+def load_clip(name: str, device, as_trained: bool = False) -> tuple:
+    """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one. By
+    default as the official reward runs it (fastvideo/rewards/clip_reward.py: open_clip's create_model_and_transforms(
+    "ViT-H-14", pretrained=<the DFN5B-378 weights>)): official_clip's model and open_clip's 224-px preprocessing, which
+    CLIPImageProcessorPil's defaults are (short side to 224 bicubic, centre crop, OpenAI mean and std)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-    if name == "tiny":
+    if name == "tiny":  # DFN5B-CLIP-ViT-H-14-378's geometry and QuickGELU (CLIPConfig's default), 2 narrow layers
         torch.manual_seed(0)
         tokenizer = tiny_tokenizer(16)
-        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT),
-                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-        return (CLIPModel(config).to(device).eval(), tokenizer,
-                CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32))
-    check_model_name(name, "--clip-model")
-    try:
-        return (CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name),
-                AutoImageProcessor.from_pretrained(name))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        sys.exit(hub_error(name, err, "--clip-model"))
+        model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT), projection_dim=16,
+                                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, image_size=378, patch_size=14)))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 378}, crop_size=378)
+    else:
+        check_model_name(name, "--clip-model")
+        try:
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32)  # float32, as open_clip's default
+            tokenizer, processor = AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            sys.exit(hub_error(name, err, "--clip-model"))
+    if not as_trained:
+        model, processor = official_clip(model), CLIPImageProcessorPil()
+    return model.to(device).eval(), tokenizer, processor
+
+
+def official_clip(model, size: int = 224):
+    """The weights in open_clip's ViT-H-14 config, as the official reward loads DFN5B-CLIP-ViT-H-14-378 (trained at
+    378 px with QuickGELU): `size` px input, GELU in both towers, and the position-embedding grid resized as open_clip's
+    resize_pos_embed does when it loads a checkpoint of another grid (bicubic, antialiased; the class token's kept)."""
+    from transformers import CLIPModel
+    config, state, key = model.config, model.state_dict(), "vision_model.embeddings.position_embedding.weight"
+    config.vision_config.image_size, grid = size, size // config.vision_config.patch_size
+    config.vision_config.hidden_act = config.text_config.hidden_act = "gelu"
+    pos, old = state[key], int(math.sqrt(state[key].shape[0] - 1))
+    if grid != old:
+        img = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        img = torch.nn.functional.interpolate(img, size=(grid, grid), mode="bicubic", antialias=True,
+                                              align_corners=False)
+        state[key] = torch.cat([pos[:1], img.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+    official = CLIPModel(config)
+    official.load_state_dict(state)
+    return official
 
 
 @torch.no_grad()
@@ -1426,10 +1551,11 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
     noise = noise.repeat_interleave(G, 0) if args.same_noise else noise
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
+    means = [] if args.rationorm else None  # each step's mean at sampling time: rationorm's reference
     latents, log_probs, x0 = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
-                                     args.cfg_scale)
+                                     args.cfg_scale, means)
     return {"latents": latents, "log_probs": log_probs, "x0": x0, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
-            "trained": trained}
+            "trained": trained, "means": torch.stack(means, 1) if means else None}
 
 
 def compare(judge, args: Args, prompts, before, after) -> float:
@@ -1497,6 +1623,7 @@ def start_processes(args: Args) -> tuple[torch.device, int, int, bool]:
     if args.prompts_per_step % world_env:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
                  f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
+    accumulation(args.accum, world_env, (args.prompts_per_step // world_env or 1) * args.group_size)  # or exits
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:  # under torchrun: a GPU per process
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1543,7 +1670,7 @@ def start_run(args: Args, judge=None) -> Run:
     run.eval_seeds = [10**9 + s for _ in held for s in range(args.eval_seeds)]  # seeds that training never uses
     run.judge = judge or make_judge(args)
     run.eval_fn = load_object(args.eval_fn, "--eval-fn") if args.eval_fn else None
-    run.clip = load_clip(args.clip_model, device) if args.clip_model else None
+    run.clip = load_clip(args.clip_model, device, args.clip_as_trained) if args.clip_model else None
     run.pipe = load_pipeline(model_name(args.model), device)
     latent_geometry(run.pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
     run.before = initial_images(run)
@@ -1627,7 +1754,7 @@ def open_logs(run: Run) -> None:
           f"{', FSDP2' if run.sharded else ''} | {len(run.prompts)} prompts | judge "
           f"{getattr(run.judge, 'name', 'passed to train()')} ({args.reward}"
           f"{', ' + args.judge_order + ' order' if args.reward == 'pairwise' else ''}) | rounds {run.start}->"
-          f"{args.train_steps}")
+          f"{args.train_steps} | " + accumulation(args.accum, run.world, len(round_prompts(run, 0)) * args.group_size)[1])
     if args.judge_order != "both" and args.reward == "pairwise":
         print("judge_order_disagree is measured only with --judge-order both")
     if args.wandb_project:  # an optional dependency, imported here and nowhere else
@@ -1770,7 +1897,7 @@ def train(args: Args, judge=None) -> dict:
             t1 = time.perf_counter()
             rewards, weights, info = judge_round(run, step, prompts, images)                  # 2-3. judge, win rates
             t2 = time.perf_counter()
-            adv = group_advantages(rewards, weights, args.adv_clip).flatten()                # 4. advantages
+            adv = group_advantages(rewards, weights, args.adv_clip, args.gdpo, run.device).flatten()  # 4. advantages
             stats = train_step(run.pipe, run.params, run.optimizer, batch, adv, args)       # 5. clipped loss, updates
             metrics = round_metrics(run, step, rewards, adv, batch, info, stats, (t0, t1, t2, time.perf_counter()))
             if args.eval_every and (step + 1) % args.eval_every == 0:
