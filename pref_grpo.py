@@ -683,8 +683,10 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
-        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS[family(pipe)]))
+        with torch.random.fork_rng(devices=[]):  # the adapter's random init from --seed too (torch seeds at random)
+            torch.manual_seed(args.seed)
+            transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                               init_lora_weights="gaussian", target_modules=LORA_TARGETS[family(pipe)]))
     for p in (p for p in transformer.parameters() if p.requires_grad):
         p.data = p.data.float()
     if args.full and world_size() > 1:

@@ -208,3 +208,55 @@ def test_a_fixed_shift_is_the_official_schedule_whatever_the_models_own(family_c
     klein = tiny_family(KLEIN)
     a, b = pg.sigma_schedule(klein, 4, 1024), pg.sigma_schedule(klein, 50, 1024)
     assert not torch.allclose(a[1], b[50 // 4])  # sigma at the same t = 0.75 differs with the number of steps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line a user types: train, resume, the LoRA in the stock pipeline, unigenbench.py generate
+# ---------------------------------------------------------------------------------------------------------------------
+CLI_CFG = {QWEN: "4", ZIMAGE: "4", ZTURBO: "1", KLEIN_BASE: "4", KLEIN: "1"}  # CFG where the model is not distilled
+
+
+def strip(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time", "images_per", "peak", "judge_sec"))}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("repo", FAMILIES)
+def test_train_resume_load_the_lora_in_the_stock_pipeline_and_generate(family_cache, judge_url, tmp_path, repo):
+    env = offline_env(family_cache)
+    (tmp_path / "p.txt").write_text("a red apple\na blue car\n")
+    flags = ["--model", repo, "--prompts", str(tmp_path / "p.txt"), "--judge-url", judge_url, "--judge-model",
+             "UnifiedReward", "--judge-order", "first", "--resolution", str(RES), "--sample-steps", "3",
+             "--group-size", "3", "--prompts-per-step", "1", "--eval-seeds", "0", "--max-sequence-length", "64",
+             "--lora-rank", "4", "--lr", "3e-2", "--save-every", "1", "--cfg-scale", CLI_CFG[repo]]
+    for run, steps in (("full", "2"), ("cut", "1")):
+        r = run_cli("pref_grpo.py", *flags, "--train-steps", steps, "--output-dir", str(tmp_path / run), env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("pref_grpo.py", "--resume", str(tmp_path / "cut"), "--train-steps", "2", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = strip(tmp_path / "full")
+    assert [m["step"] for m in full] == [1, 2] and all(m["updates"] == 1 and m["grad_norm"] > 0 for m in full)
+    assert strip(tmp_path / "cut") == full  # the resumed run repeats the uninterrupted one exactly
+
+    # the LoRA loads into the family's stock pipeline and gives our trained transformer's velocity
+    from diffusers import DiffusionPipeline
+    ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
+    stock = DiffusionPipeline.from_pretrained(folder(family_cache, repo))
+    args = pg.parse_args(["--resume", str(tmp_path / "full")])
+    ours = pg.load_pipeline(folder(family_cache, repo), "cpu")
+    pg.load_checkpoint(ckpt, ours, torch.optim.AdamW(pg.trainable_parameters(ours, args)), args)
+    _, ids = pg.latent_geometry(stock, RES)
+    x, cond = pg.initial_noise(stock, 2, RES, torch.Generator().manual_seed(0)), pg.encode_prompts(stock, ["a", "b"])
+    with torch.no_grad():
+        base = pg.velocity(stock, x, 0.6, cond, ids, 0.0)
+        stock.load_lora_weights(str(ckpt))
+        loaded, trained = pg.velocity(stock, x, 0.6, cond, ids, 0.0), pg.velocity(ours, x, 0.6, cond, ids, 0.0)
+    assert (loaded - base).abs().max() > 1e-4 and torch.allclose(loaded, trained, atol=1e-5)
+
+    (tmp_path / "ugb.jsonl").write_text("".join(line + "\n" for line in (ROOT / "prompts.jsonl").read_text()
+                                                .splitlines()[:2]))
+    r = run_cli("unigenbench.py", "generate", "--model", repo, "--out", str(tmp_path / "images"), "--steps", "2",
+                "--resolution", str(RES), "--n", "1", "--prompts", str(tmp_path / "ugb.jsonl"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    images = sorted((tmp_path / "images").glob("*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (RES, RES) for p in images)
