@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import pref_grpo as pg
 from conftest import JSONHandler, LocalServer, offline_env, snapshot
@@ -223,20 +224,27 @@ def strip(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("repo", FAMILIES)
 def test_train_resume_load_the_lora_in_the_stock_pipeline_and_generate(family_cache, judge_url, tmp_path, repo):
+    """Through the command line: one round, then resumed to two, equals an uninterrupted two-round run (in process:
+    each interpreter start costs seconds); its LoRA loads into the stock pipeline; unigenbench.py generate draws."""
     env = offline_env(family_cache)
     (tmp_path / "p.txt").write_text("a red apple\na blue car\n")
-    flags = ["--model", repo, "--prompts", str(tmp_path / "p.txt"), "--judge-url", judge_url, "--judge-model",
-             "UnifiedReward", "--judge-order", "first", "--resolution", str(RES), "--sample-steps", "3",
-             "--group-size", "3", "--prompts-per-step", "1", "--eval-seeds", "0", "--max-sequence-length", "64",
-             "--lora-rank", "4", "--lr", "3e-2", "--save-every", "1", "--cfg-scale", CLI_CFG[repo]]
-    for run, steps in (("full", "2"), ("cut", "1")):
-        r = run_cli("pref_grpo.py", *flags, "--train-steps", steps, "--output-dir", str(tmp_path / run), env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+    flags = ["--prompts", str(tmp_path / "p.txt"), "--judge-url", judge_url, "--judge-model", "UnifiedReward",
+             "--judge-order", "first", "--resolution", str(RES), "--sample-steps", "3", "--group-size", "3",
+             "--prompts-per-step", "1", "--eval-seeds", "0", "--max-sequence-length", "64", "--lora-rank", "4",
+             "--lr", "3e-2", "--save-every", "1", "--cfg-scale", CLI_CFG[repo]]
+    r = run_cli("pref_grpo.py", "--model", repo, *flags, "--train-steps", "1", "--output-dir", str(tmp_path / "cut"),
+                env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("pref_grpo.py", "--resume", str(tmp_path / "cut"), "--train-steps", "2", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    pg.train(pg.parse_args(["--model", folder(family_cache, repo), *flags, "--train-steps", "2", "--output-dir",
+                            str(tmp_path / "full")]))
     full = strip(tmp_path / "full")
     assert [m["step"] for m in full] == [1, 2] and all(m["updates"] == 1 and m["grad_norm"] > 0 for m in full)
     assert strip(tmp_path / "cut") == full  # the resumed run repeats the uninterrupted one exactly
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step-000002" / "pytorch_lora_weights.safetensors")
+            for run in ("cut", "full"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # the LoRA loads into the family's stock pipeline and gives our trained transformer's velocity
     from diffusers import DiffusionPipeline
