@@ -268,3 +268,37 @@ def test_train_resume_load_the_lora_in_the_stock_pipeline_and_generate(family_ca
     assert r.returncode == 0, r.stderr[-3000:]
     images = sorted((tmp_path / "images").glob("*.png"))
     assert len(images) == 2 and all(Image.open(p).size == (RES, RES) for p in images)
+
+
+@pytest.mark.parametrize("repo", [QWEN, ZIMAGE, KLEIN_BASE])
+def test_full_fine_tuning_with_gradient_checkpointing_saves_a_transformer_the_stock_class_loads(family_cache,
+                                                                                                 judge_url, tmp_path,
+                                                                                                 repo):
+    (tmp_path / "p.txt").write_text("a red apple\n")
+    pg.train(pg.parse_args(["--model", folder(family_cache, repo), "--prompts", str(tmp_path / "p.txt"), "--judge-url",
+                            judge_url, "--judge-model", "UnifiedReward", "--judge-order", "first", "--resolution",
+                            str(RES), "--sample-steps", "3", "--group-size", "3", "--eval-seeds", "0", "--lr", "1e-3",
+                            "--max-sequence-length", "64", "--full", "--grad-checkpointing", "--train-steps", "1",
+                            "--cfg-scale", "2", "--output-dir", str(tmp_path / "run")]))
+    m = strip(tmp_path / "run")[0]
+    assert m["updates"] == 1 and m["grad_norm"] > 0 and m["ratio"] == pytest.approx(1.0)
+    base = pg.load_pipeline(folder(family_cache, repo), "cpu").transformer
+    trained = type(base).from_pretrained(tmp_path / "run" / "checkpoints" / "step-000001" / "transformer")
+    same = {n.rsplit(".", 1)[0] for (n, p), q in zip(base.named_parameters(), trained.parameters()) if torch.equal(p, q)}
+    # every weight moved except, in Qwen-Image, the last block's text-side output: nothing reads it, so no gradient
+    assert same == ({"transformer_blocks.1.attn.to_add_out", "transformer_blocks.1.txt_mlp.net.0.proj",
+                     "transformer_blocks.1.txt_mlp.net.2"} if repo == QWEN else set())
+
+
+def test_an_unknown_pipeline_class_is_a_one_line_error_naming_the_supported_families(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    (tmp_path / "p.txt").write_text("a red apple\n")
+    r = run_cli("pref_grpo.py", "--model", str(tmp_path / "ddpm"), "--prompts", str(tmp_path / "p.txt"),
+                "--judge-model", "colour", "--output-dir", str(tmp_path / "run"), env=os.environ)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    for name in ("DDPMPipeline", "Qwen-Image", "Z-Image", "FLUX.2 [klein]", "Flux2KleinPipeline"):
+        assert name in errors[0]
