@@ -284,7 +284,8 @@ def test_full_fine_tuning_with_gradient_checkpointing_saves_a_transformer_the_st
     assert m["updates"] == 1 and m["grad_norm"] > 0 and m["ratio"] == pytest.approx(1.0)
     base = pg.load_pipeline(folder(family_cache, repo), "cpu").transformer
     trained = type(base).from_pretrained(tmp_path / "run" / "checkpoints" / "step-000001" / "transformer")
-    same = {n.rsplit(".", 1)[0] for (n, p), q in zip(base.named_parameters(), trained.parameters()) if torch.equal(p, q)}
+    same = {n.rsplit(".", 1)[0] for (n, p), q in zip(base.named_parameters(), trained.parameters())
+            if torch.equal(p, q)}
     # every weight moved except, in Qwen-Image, the last block's text-side output: nothing reads it, so no gradient
     assert same == ({"transformer_blocks.1.attn.to_add_out", "transformer_blocks.1.txt_mlp.net.0.proj",
                      "transformer_blocks.1.txt_mlp.net.2"} if repo == QWEN else set())
