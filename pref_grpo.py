@@ -812,14 +812,13 @@ def decode(pipe, latents, resolution: int) -> list[Image.Image]:
     if fam in ("flux", "qwen"):
         latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
     if fam == "qwen":  # a video VAE: one frame; per-channel statistics
-        mean, std = (torch.tensor(vae.config[k]).view(1, -1, 1, 1, 1).to(latents) for k in ("latents_mean",
-                                                                                          "latents_std"))
+        mean, std = (torch.tensor(vae.config["latents_" + k]).view(1, -1, 1, 1, 1).to(latents) for k in ("mean", "std"))
         image = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
     elif fam == "klein":  # tokens back in place by their ids, the VAE's batch-norm statistics, 2x2 patches undone
         ids = latent_geometry(pipe, resolution)[1].expand(len(latents), -1, -1)
         x = pipe._unpack_latents_with_ids(latents, ids)
-        x = x * torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x) + \
-            vae.bn.running_mean.view(1, -1, 1, 1).to(x)
+        std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+        x = x * std.view(1, -1, 1, 1).to(x) + vae.bn.running_mean.view(1, -1, 1, 1).to(x)
         image = vae.decode(pipe._unpatchify_latents(x).to(vae.dtype), return_dict=False)[0]
     else:
         x = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -1161,6 +1160,7 @@ def shard_transformer(transformer) -> None:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     cuda = transformer.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    # FLUX and klein have both kinds of blocks, SD3 and Qwen-Image the first; Z-Image its refiners and layers
     for name in ("transformer_blocks", "single_transformer_blocks", "noise_refiner", "context_refiner", "layers"):
         for block in getattr(transformer, name, []):
             fully_shard(block, mp_policy=mp)
