@@ -22,6 +22,7 @@ import base64
 import csv
 import hashlib
 import http.client
+import importlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import defaultdict, namedtuple
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
@@ -236,38 +237,52 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
                        "zh" if zh or "考点" in sub_dims else "en")
 
 
-def _read_csv(path: Path):
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in columns), None)
-        dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
-        if "index" not in columns or not text_col or not dims_col:
-            raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh; "
-                             f"got {columns}")
-        for row in reader:
-            if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
-                raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
-            where = f"{path.name} index {row['index']}"
-            yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where, text_col == "prompt_zh"
+def _read_csv(path: Path, text: str):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in columns), None)
+    dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
+    if "index" not in columns or not text_col or not dims_col:
+        raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh (an "
+                         f"official CSV), or JSON prompt records; got {columns}")
+    for row in reader:
+        if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
+            raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
+        where = f"{path.name} index {row['index']}"
+        yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where, text_col == "prompt_zh"
 
 
-def _read_jsonl(path: Path):
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+def _read_json(path: Path, text: str):
+    """JSON lines, or one JSON list of the same records (whatever the file is called)."""
+    listed = text.lstrip().startswith("[")
+    try:
+        rows = enumerate(json.loads(text) if listed else text.splitlines(), 1)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})") from None
+    for no, row in rows:
+        where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
         try:
-            row = json.loads(line) if line.strip() else None
-            index = None if row is None else int(row["index"])
+            if (row := row if listed else json.loads(row) if row.strip() else None) is None:
+                continue
+            index = int(row["index"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: {path}:{line_no}: not a prompt record ({type(e).__name__}: {e})") from None
-        if row is not None:
-            yield index, row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{line_no} (index {index})", False
+            raise SystemExit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})") from None
+        yield index, row.get("prompt"), row.get("sub_dims", row), f"{where} (index {index})", False
 
 
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
+    """An official CSV or our JSON records, told apart by content (not the file name's extension); BOM and CRLF go."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: --prompts {path}: no such file")
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+        raise SystemExit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else
+                         "no such file" + ("; this default (our prompt set) sits beside unigenbench.py: pass an official"
+                                           " UniGenBench CSV" if path == DEFAULT_PROMPTS else "")))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the CSV reader sees quoted line breaks
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: --prompts {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
+    rows = _read_json(path, text) if text.lstrip()[:1] in ("[", "{") else _read_csv(path, text)
     prompts = PromptSet(to_bench_prompt(*row) for row in rows)
     prompts.name = path.name
     if not prompts or len({p.index for p in prompts}) != len(prompts):
@@ -305,7 +320,9 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
     return [int(s == 1) for s in scores], analysis, None
 
 
-# ======== The judge: an OpenAI-compatible server (vLLM), or a Qwen-VL in this process (through pref_grpo.py)
+# ======== The judge: an OpenAI-compatible server (vLLM), a Qwen-VL in this process, or a function of your own
+# A judge is judge([(text, image)]) -> an iterator of (position, (reply, error, retriable)), in the order answers come
+# back: a record is written as soon as its image is done, so Ctrl-C loses nothing that finished.
 # This HTTP client duplicates pref_grpo.py's on purpose: single-file scripts (evaluate and report need neither torch nor
 # pref_grpo.py). Standard library only: urllib, a thread pool, a timeout, retries with backoff (in _judge_chunk).
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
@@ -317,16 +334,17 @@ def scrub(text, key_env: str) -> str:  # what users see and results keep: one li
 
 
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
-                 timeout: float = 300.0, max_tokens: int = 4096):
-    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096), plus
-    temperature 0 for the official eval's do_sample false. Checks at once that the server is up and serves `model`."""
+                 timeout: float = 300.0, max_tokens: int = 4096, temperature: float | None = None):
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) and
+    no sampling field: the official `"do_sample": false` is a field vLLM ignores, so the server's default sampling
+    decodes (docs/unigenbench.md). `temperature` adds one (0: greedy). Checks at once that the server serves `model`."""
     key = os.environ.get(key_env)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
         with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/models", headers=headers), timeout=30) as r:
             served = [m["id"] for m in json.loads(r.read())["data"]]
     except urllib.error.HTTPError as e:
-        hint = (f" (check ${key_env}, see --api-key-env)" if e.code in (401, 403) else
+        hint = (f" (check ${key_env}, see --judge-api-key-env)" if e.code in (401, 403) else
                 " (is --judge-url missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
         sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
     except (OSError, http.client.HTTPException) as e:
@@ -335,6 +353,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         served = []  # a reachable server with an odd /models reply is still usable
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
+    sampling = {} if temperature is None else {"temperature": temperature}
 
     def ask(request):  # one POST: (reply, None, _) or (None, why it failed, whether asking again may help)
         text, image, buf = *request, io.BytesIO()
@@ -342,7 +361,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": text}]
         payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                   "temperature": 0.0}
+                   **sampling}
         try:
             req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
                                          headers=headers, method="POST")
@@ -361,7 +380,14 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
             return None, f"unreadable server reply ({type(e).__name__})", True
 
     pool = ThreadPoolExecutor(max(1, workers))
-    judge = lambda requests: list(pool.map(ask, requests))  # noqa: E731
+
+    def judge(requests):
+        futures = {pool.submit(ask, r): i for i, r in enumerate(requests)}
+        try:
+            yield from ((futures[f], f.result()) for f in as_completed(futures))
+        finally:  # stopped early (Ctrl-C, a broken judge): requests not sent yet are dropped
+            for f in futures:
+                f.cancel()
     judge.where = f"--judge-url {url}"
     return judge
 
@@ -369,12 +395,44 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
 def local_judge(vlm, *, max_tokens: int = 4096):
     """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
     import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
-    if vlm == "toy":  # the toy world's pixel checker (toy_world.py beside this file; one-line error without it)
-        return pref_grpo.toy_world().unigenbench_judge
     model = pref_grpo.load_local_vlm(vlm, what="--judge-local") if isinstance(vlm, str) else vlm
     def judge(requests):
-        return [(r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests], max_tokens=max_tokens)]
+        return enumerate((r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests],
+                                                                       max_tokens=max_tokens))
     judge.where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
+    return judge
+
+
+def load_function(spec: str, flag: str):
+    """`module:function` from the working directory or the installed packages; one line naming the flag if missing."""
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        sys.exit(f"error: {flag} {spec!r}: expected module:function, e.g. my_judges:judge")
+    sys.path.insert(0, os.getcwd()) if os.getcwd() not in sys.path else None
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        sys.exit(f"error: {flag} {spec}: cannot import {module} ({e})")
+    if not callable(fn):
+        sys.exit(f"error: {flag} {spec}: {module} has no function {name}")
+    return fn
+
+
+def fn_judge(spec: str):
+    """--judge-fn: fn(texts, images) -> one reply per image in the official format, read by the official parser."""
+    fn = load_function(spec, "--judge-fn")
+
+    def judge(requests):
+        try:
+            replies = fn([t for t, _ in requests], [i for _, i in requests])
+        except Exception as e:  # noqa: BLE001 - your function's failure is that chunk's recorded reason
+            return enumerate([(None, scrub(f"--judge-fn raised {type(e).__name__}: {e}", ""), False)] * len(requests))
+        if not isinstance(replies, (list, tuple)) or len(replies) != len(requests):
+            sys.exit(f"error: --judge-fn {spec} returned {len(replies) if isinstance(replies, (list, tuple)) else type(replies).__name__}"
+                     f" for {len(requests)} images; it must return one reply (str) per image")
+        return enumerate((r, None, True) if isinstance(r, str) else (None, f"--judge-fn returned a {type(r).__name__}, not text", False)
+                         for r in replies)
+    judge.where = f"--judge-fn {spec}"
     return judge
 
 
@@ -383,16 +441,34 @@ def image_path(folder: str | os.PathLike, index: int, j: int, suffix: str = "png
     return Path(folder) / f"{index}_{j}.{suffix}"
 
 
+def generation_dtype(device: str, dtype: str = "fp16") -> str:
+    """The weights' dtype: on CUDA fp16, as the official inference loads every FLUX part (inference/flux_en_multi_node_
+    inference.py, `torch_dtype=torch.float16`, lines 66-75), or bf16 on request; on a CPU float32."""
+    return {"fp16": "float16", "bf16": "bfloat16"}[dtype] if device == "cuda" else "float32"
+
+
+def check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """Output paths are checked before any model loads: a file where a folder goes (or the reverse), or no write access."""
+    if path.exists() and path.is_dir() != folder:
+        sys.exit(f"error: {flag} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    base = next(p for p in (path, *path.resolve().parents) if p.exists())
+    if why := "a file" if base != path and not base.is_dir() else None if os.access(base, os.W_OK) else "read-only":
+        sys.exit(f"error: {flag} {path}: cannot write there ({base} is {why})")
+
+
 def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, n: int = 4, lora: str | None = None,
              steps: int | None = None, resolution: int | None = None, guidance: float = 3.5, batch_size: int = 4,
-             seed: int = 3407, max_sequence_length: int = 512) -> int:
+             seed: int = 3407, max_sequence_length: int = 512, dtype: str = "fp16") -> int:
     """Write OUT/{index}_{j}.png for every prompt and j < n not there yet; image j has seed `seed + j` for every prompt
     (as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
     steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
-    (out := Path(out)).mkdir(parents=True, exist_ok=True)
+    check_writable(out := Path(out), "--out", folder=True)
+    if lora and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
+        sys.exit(f"error: --lora {lora}: not a checkpoint folder holding pytorch_lora_weights.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=model, lora=str(Path(lora).resolve()) if lora else None, steps=steps, resolution=resolution,
                     guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
-                    n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"))
+                    n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"), dtype=dtype)
     old = json.loads((out / "generate.json").read_text()) if (out / "generate.json").exists() else {}
     changed = [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]
     if changed and any(out.glob("*.png")):  # resuming would silently blend two runs
@@ -404,9 +480,11 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
           f"({resolution} px, {steps} steps, guidance {guidance:g}, seeds {seed}..{seed + n - 1})")
     if not todo:
         return 0
-    import pref_grpo  # late import: torch and diffusers load slowly, and evaluate / report do not need them
+    import torch  # late imports: torch and diffusers load slowly, and evaluate / report do not need them
+    import pref_grpo
 
-    pipe = pref_grpo.load_pipeline(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = pref_grpo.load_pipeline(model, device, getattr(torch, generation_dtype(device, dtype)))
     if lora:
         pipe.load_lora_weights(settings["lora"])
     for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch"):
@@ -421,9 +499,14 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
 
 
 # ======== evaluate: one request per image with all its checkpoints; one JSON line per image, appended as it is done
-def read_results(path: Path) -> dict[tuple[int, int], dict]:
+def read_results(path: Path, what: str = "--results") -> dict[tuple[int, int], dict]:
     """Records by (index, image). A later line for the same image replaces an earlier one (see --retry-failed)."""
-    records, lines = {}, Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+    if (path := Path(path)).is_dir():
+        sys.exit(f"error: {what} {path} is a folder, not a results file (results.jsonl)")
+    try:
+        records, lines = {}, path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {what} {path}: cannot read it ({type(e).__name__}: {e})")
     for line_no, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -438,7 +521,7 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
     """Every image there, and made from these prompts (generate.json records the prompt set a folder was made from)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SystemExit(f"error: --images {folder}: no such folder")
+        raise SystemExit(f"error: --images {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     made = json.loads((folder / "generate.json").read_text()) if (folder / "generate.json").exists() else {}
     if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
         raise SystemExit(f"error: the images in {folder} were generated from the prompt set {made.get('prompt_set')}, "
@@ -453,46 +536,55 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
                          f"{', '.join(missing[:5])}); {hint}")
 
 
-def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str) -> list[dict]:
-    """Each image asked up to `attempts` times until its reply parses (official: 10). A transport failure waits
-    (backoff) before the next attempt; a rejected request (4xx) is not asked again. Unreadable images fail at once."""
+def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
+    """Yields each image's record as soon as it is done: its reply parsed, or it failed on its last attempt (official:
+    11), or the judge rejected it (4xx: not asked again), or the image is unreadable (at once). A transport failure
+    waits (backoff) before the next attempt."""
     from PIL import Image
 
-    texts, images = [judge_prompt(p) for p, _ in chunk], []
-    for path in (image_path(folder, p.index, j, suffix) for p, j in chunk):
+    def record(k, reply, scores, analysis, error, tries):
+        (p, j), name = chunk[k], image_path(folder, chunk[k][0].index, chunk[k][1], suffix).name
+        return dict(index=p.index, image=j, file=name, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
+                    checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
+                    analysis=analysis, reply=reply)
+
+    texts, images, pending = [judge_prompt(p) for p, _ in chunk], [], []
+    for k, path in enumerate(image_path(folder, p.index, j, suffix) for p, j in chunk):
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB"))
+            pending.append(k)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-            images.append(" ".join(f"unreadable image {path.name}: {e}".split())[:300])
-    # per image: reply, scores, analysis, error, attempts
-    outcome = [(None, None, None, im if isinstance(im, str) else None, 0) for im in images]
-    pending = [i for i, im in enumerate(images) if not isinstance(im, str)]
+            images.append(None)
+            yield record(k, None, None, None, " ".join(f"unreadable image {path.name}: {e}".split())[:300], 0)
     for attempt in range(1, attempts + 1):
-        answers = judge([(texts[i], images[i]) for i in pending]) if pending else []
-        for i, (reply, error, _) in zip(pending, answers):
-            outcome[i] = (reply, *(parse_reply(reply, len(chunk[i][0].checkpoints)) if error is None else
-                                   (None, None, error)), attempt)
-        retry = [i for i, (_, _, retriable) in zip(pending, answers) if outcome[i][1] is None and retriable]
-        if retry and attempt < attempts and any(a[1] for a in answers):  # a transport failure: give the server time
+        retry, transport_failed = [], False
+        for position, (reply, error, retriable) in judge([(texts[k], images[k]) for k in pending]):
+            k = pending[position]
+            scores, analysis, error = (None, None, error) if error else parse_reply(reply, len(chunk[k][0].checkpoints))
+            if scores is None and retriable and attempt < attempts:
+                retry.append(k)
+                transport_failed |= reply is None
+            else:
+                yield record(k, reply, scores, analysis, error, attempt)
+        if retry and transport_failed:  # give the server time
             time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
-        pending = retry
-    return [dict(index=p.index, image=j, file=image_path(folder, p.index, j, suffix).name, prompt=p.prompt,
-                 lang=p.lang, theme=p.theme, subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints],
-                 scores=scores, error=error, attempts=tries, analysis=analysis, reply=reply)
-            for (p, j), (reply, scores, analysis, error, tries) in zip(chunk, outcome)]
+        if not (pending := retry):
+            break
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
-             chunk: int = 32, attempts: int = 10, retry_failed: bool = False, suffix: str = "png",
+             chunk: int = 32, retries: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge the images RESULTS lacks, one JSON line each; judge([(text, image)]) -> [(reply, error, retriable)]. If the
-    first `stop_after` judgments all fail, the judge is broken: stop, rather than record hours of failures."""
+    """Judge the images RESULTS lacks, one JSON line each, `retries` more attempts after the first (official: 10). If
+    the first `stop_after` judgments all fail, the judge is broken: stop, rather than record hours of failures. Ctrl-C
+    keeps every judgment that finished, says so, and raises KeyboardInterrupt."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
-    done, by_index = read_results(results), {p.index: p.prompt for p in prompts}
-    if clash := [i for (i, _), record in done.items() if i in by_index and record.get("prompt") != by_index[i]]:
-        raise SystemExit(f"error: --results {results} holds judgments of other prompts (index {clash[0]}); "
+    done, by_index, fingerprint = read_results(results), {p.index: p.prompt for p in prompts}, prompts_fingerprint(prompts)
+    if clash := [i for (i, _), r in done.items() if r.get("prompt_set", fingerprint) != fingerprint
+                 or (i in by_index and r.get("prompt") != by_index[i])]:
+        raise SystemExit(f"error: --results {results} holds judgments of another prompt set (index {clash[0]}); "
                          "use another --results")
     keys = [(p, j) for p in prompts for j in range(n)]
     failed = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
@@ -503,23 +595,34 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
     cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
-    counts, held, extra = {"judged": 0, "failed": 0}, [], {"prompt_set": prompts_fingerprint(prompts), "expected": len(keys)}
+    counts, held, extra = {"judged": 0, "failed": 0}, [], {"prompt_set": fingerprint, "expected": len(keys)}
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
-        for start in range(0, len(todo), chunk):
-            for record in _judge_chunk(todo[start:start + chunk], images, judge, attempts, suffix):
-                counts["failed" if record["scores"] is None else "judged"] += 1
-                held.append(record)  # until one judgment of this run works, records are held back
-                asked = [r for r in held if r["attempts"]]  # an unreadable image says nothing about the judge
-                if not counts["judged"] and len(asked) >= stop_after:
-                    raise SystemExit(f"error: the first {len(asked)} judgments all failed (last: {asked[-1]['error']}); "
-                                     f"is the judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
-                if counts["judged"]:
-                    out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)
-                    out.flush()  # on disk image by image: a killed run loses at most the chunk in flight
-                    held = []
-            bar.update(min(chunk, len(todo) - start))
-        out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in held)  # fewer than stop_after
+
+        def write(records):
+            out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in records)
+            out.flush()  # on disk image by image: a kill -9 loses at most the images in flight
+
+        try:
+            for start in range(0, len(todo), chunk):
+                for record in _judge_chunk(todo[start:start + chunk], images, judge, retries + 1, suffix):
+                    counts["failed" if record["scores"] is None else "judged"] += 1
+                    held.append(record)  # until one judgment of this run works, records are held back
+                    asked = [r for r in held if r["attempts"]]  # an unreadable image says nothing about the judge
+                    if not counts["judged"] and len(asked) >= stop_after:
+                        raise SystemExit(f"error: the first {len(asked)} judgments all failed (last: "
+                                         f"{asked[-1]['error']}); is the judge at {getattr(judge, 'where', '?')} "
+                                         "working? Stopped, nothing recorded")
+                    if counts["judged"]:
+                        write(held)
+                        held = []
+                    bar.update()
+        except KeyboardInterrupt:
+            write(held)
+            print(f"\nevaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in "
+                  f"{results}; the same command goes on from there", file=sys.stderr)
+            raise
+        write(held)  # fewer than stop_after judgments, all failed
     if counts["failed"]:
         print(f"evaluate: {counts['failed']} failed (each with its reason in {results}); --retry-failed asks again")
     return counts
@@ -527,8 +630,11 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
 
 # ======== report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
 def load_result_records(path: str | os.PathLike) -> list[dict]:
-    if not (records := list(read_results(Path(path)).values())):
+    if not (records := list(read_results(Path(path), "report").values())):
         raise SystemExit(f"error: no judge results in {path}")
+    if len(sets := sorted({r["prompt_set"] for r in records if "prompt_set" in r})) > 1:  # one set's coverage each
+        raise SystemExit(f"error: {path} holds judgments of {len(sets)} prompt sets ({', '.join(sets)}); pooled, "
+                         "they would read as one run: judge each set into its own --results")
     for r in records:
         names, scores = [c[0] for c in r.get("checkpoints", [])], r.get("scores")
         if any(name not in SUB_CRITERIA for name in names) or "theme" not in r or (
@@ -609,8 +715,9 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
     names = names or [Path(p).resolve().parent.name for p in paths]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]  # two runs in folders of the same name: the paths tell them apart
-    summaries = {name: summarize(load_result_records(p)) for name, p in zip(names, paths)}
     out = str(out or Path(paths[0]).parent / ("report" if len(paths) == 1 else "compare"))
+    check_writable(Path(out + ".md"), "--out")
+    summaries = {name: summarize(load_result_records(p)) for name, p in zip(names, paths)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table, notes = markdown_table(summaries), "".join(f"\n{note}" for note in coverage_warnings(summaries))
     Path(out + ".json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -620,18 +727,45 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
 
 
 # ======== Command line
+# Allowed values, checked as the flags are parsed: "[lo,hi]", an end that "(" or ")" leaves open.
+RANGES = {flag: interval for interval, flags in {
+    "[1,inf)": "--n --steps --batch-size --chunk --judge-workers --judge-max-tokens", "[16,8192]": "--resolution",
+    "[0,inf)": "--guidance --judge-retries --judge-temperature", "(0,inf)": "--judge-timeout",
+    "[1,512]": "--max-sequence-length", "[0,4294967295]": "--seed"}.items() for flag in flags.split()}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage block
         sys.exit(f"error: {self.prog}: {message} (see --help)")
 
 
+def in_range(flag: str, kind):
+    """The argparse type of a flag in RANGES: a number of that kind inside its interval, or one line naming the flag."""
+    interval = RANGES[flag]
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not lo <= v <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return v
+    return parse
+
+
 def add_flags(parser, flags) -> None:
-    """(flag, default, help[, more argparse keywords]); each help ends with its default, or says the flag is required."""
+    """(flag, default, help[, more argparse keywords]); each help ends with its range and its default, or says the flag
+    is required."""
     for flag, default, text, *more in flags:
         kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
             "default": default, **({"type": type(default)} if default is not None else {})}
+        kw |= more[0] if more else {}
+        if flag in RANGES:
+            kw["type"], text = in_range(flag, kw.get("type", int)), f"{text}; in {RANGES[flag]}"
         suffix = "; required" if default == "required" else "" if "default:" in text else "; default: %(default)s"
-        parser.add_argument(flag, help=text + suffix, **kw, **(more[0] if more else {}))
+        parser.add_argument(flag, help=text + suffix, **kw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -645,32 +779,39 @@ def main(argv: list[str] | None = None) -> None:
          "FLUX, for a smoke test"),
         ("--out", "required", "folder for the images and generate.json"),
         ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
-        ("--resolution", None, "image side in pixels; default: 1024 (official), 32 with --model tiny", {"type": int}),
+        ("--resolution", None, "image side in pixels, a multiple of 16; default: 1024 (official), 32 with --model tiny",
+         {"type": int}),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}),
         ("--guidance", 3.5, "FLUX guidance (official)"), ("--max-sequence-length", 512, "T5 tokens (official)"),
         ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)"),
-        ("--batch-size", 4, "images per sampler call")])
+        ("--batch-size", 4, "images per sampler call"),
+        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (float32 on a CPU)",
+         {"choices": ["fp16", "bf16"]})])
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
         ("--results", None, "results file; default: IMAGES/results.jsonl"),
         ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official "
          "scripts)"),
-        ("--api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
-        ("--attempts", 10, "requests per image until its reply parses (official: 10); a local judge decodes "
-         "greedily and gets one"),
-        ("--max-tokens", 4096, "reply length limit (official)"), ("--workers", 8, "requests in flight"),
-        ("--timeout", 300.0, "seconds per request"), ("--chunk", 32, "images judged between writes"),
+        ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
+        ("--judge-retries", 10, "attempts after the first until an image's reply parses (official: 10, so 11 "
+         "attempts); a local Qwen-VL decodes greedily and gets one"),
+        ("--judge-temperature", None, "adds this temperature to each request (0: greedy); default: none, the server's "
+         "own sampling, as the official request gets", {"type": float}),
+        ("--judge-max-tokens", 4096, "reply length limit (official)"), ("--judge-workers", 8, "requests in flight"),
+        ("--judge-timeout", 300.0, "seconds per request"), ("--chunk", 32, "images sent to the judge at a time"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
     judges = e.add_mutually_exclusive_group(required=True)
-    judges.add_argument("--judge-url", help="OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1); "
-                        "this or --judge-local is required")
-    judges.add_argument("--judge-local", help="Qwen-VL judge in this process (needs pref_grpo.py): hub id (CodeGoat24/"
-                        "UniGenBench-EvalModel-qwen3vl-32b-v1), folder, or toy (toy_world.py); this or --judge-url required")
+    for flag, text in [("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
+                       ("--judge-local", "a Qwen-VL judge in this process (needs pref_grpo.py): hub id (CodeGoat24/"
+                        "UniGenBench-EvalModel-qwen3vl-32b-v1) or folder"),
+                       ("--judge-fn", "module:function of your own, fn(texts, images) -> one reply per image in the "
+                        "official format (from the working directory or installed packages)")]:
+        judges.add_argument(flag, help=text + "; one of --judge-url, --judge-local, --judge-fn is required")
     for sub in g, e:
-        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "prompts.jsonl or an official UniGenBench CSV "
-                         "(test_prompts_en.csv, _en_long, _zh, _zh_long); default: prompts.jsonl beside this file"),
+        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, "
+                         "_en_long, _zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
                         ("--n", 4, "images per prompt (official)")])
     r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
     r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
@@ -679,21 +820,31 @@ def main(argv: list[str] | None = None) -> None:
                    "beside the first results file")])
 
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        generate(load_prompts(args.prompts), args.out, args.model, n=args.n, lora=args.lora, steps=args.steps,
-                 resolution=args.resolution, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
-                 max_sequence_length=args.max_sequence_length)
-    elif args.command == "evaluate":
-        prompts = load_prompts(args.prompts)
-        check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
-        judge = (server_judge(args.judge_url, args.judge_model, key_env=args.api_key_env, workers=args.workers,
-                              timeout=args.timeout, max_tokens=args.max_tokens) if args.judge_url else
-                 local_judge(args.judge_local, max_tokens=args.max_tokens))
-        evaluate(prompts, args.images, args.results or Path(args.images) / "results.jsonl", judge, n=args.n,
-                 chunk=args.chunk, attempts=args.attempts if args.judge_url else 1, retry_failed=args.retry_failed,
-                 suffix=args.image_suffix)
-    else:
-        report(args.results, args.names, args.out)
+    if args.command == "generate" and args.resolution and args.resolution % 16:
+        g.error(f"argument --resolution: must be a multiple of 16 (FLUX and SD3 latents), got {args.resolution}")
+    try:
+        if args.command == "generate":
+            generate(load_prompts(args.prompts), args.out, args.model, n=args.n, lora=args.lora, steps=args.steps,
+                     resolution=args.resolution, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
+                     max_sequence_length=args.max_sequence_length, dtype=args.dtype)
+        elif args.command == "evaluate":
+            prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
+            check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
+            check_writable(results, "--results")
+            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
+                                  workers=args.judge_workers, timeout=args.judge_timeout,
+                                  max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
+                     if args.judge_url else fn_judge(args.judge_fn) if args.judge_fn else
+                     local_judge(args.judge_local, max_tokens=args.judge_max_tokens))
+            evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
+                     retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
+        else:
+            report(args.results, args.names, args.out)
+    except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
+        print("" if args.command == "evaluate" else "\ninterrupted; every finished file is kept", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
 
 
 if __name__ == "__main__":
