@@ -8,9 +8,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from http.server import ThreadingHTTPServer
@@ -160,6 +162,22 @@ def test_bad_prompt_files_give_one_line_errors(tmp_path, content, error):
     broken.write_text('index,prompt_en,sub_dims_en\n0,a cat,"{""Testpoints"": [""Style""" ""x""]"\n')
     with pytest.raises(SystemExit, match="malformed"):
         ugb.load_prompts(broken)
+
+
+def test_prompt_files_are_read_by_content_not_by_extension(tmp_path):
+    lines = ugb.DEFAULT_PROMPTS.read_text(encoding="utf-8").splitlines()[:3]
+    expected, rows = ugb.load_prompts()[:3], [json.loads(line) for line in lines]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\r\n")
+    writer.writerows([["index", "prompt_en", "sub_dims_en"]] + [[r["index"], r["prompt"], json.dumps(
+        {k: v for k, v in r.items() if k not in ("index", "prompt")})] for r in rows])
+    variants = {"upper.JSONL": "\r\n".join(lines), "lines.json": "\n".join(lines) + "\n",
+                "list.json": json.dumps(rows, indent=1), "bom-crlf.jsonl": "\ufeff" + "\r\n".join(lines) + "\r\n",
+                "official.CSV": "\ufeff" + table.getvalue(), "official.txt": table.getvalue()}
+    for name, text in variants.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")  # CRLF kept as written
+        got = ugb.load_prompts(tmp_path / name)
+        assert list(got) == list(expected) and got.name == name, name
 
 
 # ------------------------------------------------------------------------------- the official judge input and parse
@@ -542,6 +560,142 @@ def test_the_api_key_is_sent_but_never_printed(judge_server, bench, monkeypatch)
     ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2, retries=1)
     assert "sk-secret-123" not in (folder / "r.jsonl").read_text()
     assert ugb.scrub("echo sk-secret-123", "UGB_TEST_KEY") == "echo ***"
+
+
+def test_a_judge_that_never_answers_gets_11_requests_and_no_sampling_field(judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images", count=1, n=1)
+    judge_server.behaviour = lambda text: time.sleep(0.5) or 500  # answers after the client has given up
+    common = ["evaluate", "--images", str(folder), "--prompts", str(prompt_file), "--n", "1", "--judge-url",
+              judge_server.url, "--judge-timeout", "0.1"]
+    ugb.main(common)
+    (record,) = ugb.read_results(folder / "results.jsonl").values()
+    assert len(judge_server.seen) == 11 and record["attempts"] == 11  # range(max_retries + 1), max_retries 10
+    assert record["scores"] is None and record["error"] == "timeout after 0.1 s"
+    assert all(not set(body) & SAMPLING_FIELDS for body in judge_server.seen)
+    judge_server.seen.clear()  # --judge-temperature 0: greedy, on request
+    judge_server.behaviour = alternating_scores
+    ugb.main(common + ["--retry-failed", "--judge-temperature", "0"])
+    (body,) = judge_server.seen
+    assert body["temperature"] == 0.0 and not set(body) & SAMPLING_FIELDS - {"temperature"}
+
+
+def test_ctrl_c_keeps_every_finished_judgment_says_so_and_exits_130(judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images", count=4)
+    judge_server.behaviour = lambda text: time.sleep(0.3) or alternating_scores(text)  # a slow judge
+    args = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-url", judge_server.url,
+            "--judge-workers", 2]  # all 8 images in one chunk: what finished of the running chunk must be kept
+    results = folder / "results.jsonl"
+    run = subprocess.Popen([sys.executable, str(HERE / "unigenbench.py"), *map(str, args)], cwd=HERE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(results.read_text().splitlines() if results.exists() else []) < 3:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    kept = ugb.read_results(results)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert f"the {len(kept)} judgments of this run that finished are in {results}" in err.strip().splitlines()[-1]
+    assert 3 <= len(kept) < 8 and all(r["scores"] is not None for r in kept.values())
+    judge_server.seen.clear()  # the same command goes on: only the images not kept are asked
+    rc, _, err = cli(*args)
+    assert rc == 0 and len(judge_server.seen) == 8 - len(kept) and len(ugb.read_results(results)) == 8, err
+
+
+JUDGE_MODULE = """
+import json, re
+
+def judge(texts, images):  # every checkpoint met, in the official reply format
+    with open("calls.jsonl", "a") as f:
+        f.write(json.dumps([texts, [im.size for im in images]]) + "\\n")
+    counts = [len(eval(re.search(r"<checkpoint>(.*?)</checkpoint>", t).group(1))) for t in texts]
+    return [f"<analysis>{['looked'] * n!r}</analysis><score>{[1] * n!r}</score>" for n in counts]
+
+def wrong_count(texts, images):
+    return []
+
+not_a_function = 3
+"""
+
+
+def test_judge_fn_plugs_in_a_judge_of_your_own(tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_judges.py").write_text(JUDGE_MODULE)
+    args = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2]
+    rc, _, err = cli(*args, "--judge-fn", "my_judges:judge", cwd=work)  # found in the working directory
+    assert rc == 0, err
+    records = ugb.load_result_records(folder / "results.jsonl")
+    assert len(records) == 6 and all(r["scores"] == [1] * len(r["checkpoints"]) for r in records)
+    (texts, sizes), = [json.loads(line) for line in (work / "calls.jsonl").read_text().splitlines()]
+    assert texts == [ugb.judge_prompt(p) for p in prompts for _ in range(2)] and sizes == [[16, 16]] * 6
+    for spec, culprit in [("nowhere:judge", "No module named 'nowhere'"), ("my_judges", "module:function"),
+                          ("my_judges:missing", "has no attribute 'missing'"),
+                          ("my_judges:not_a_function", "not a function"),
+                          ("my_judges:wrong_count", "returned 0 for 6 images")]:
+        rc, _, err = cli(*args, "--results", folder / "other.jsonl", "--judge-fn", spec, cwd=work)
+        assert_one_line_error(rc, err, f"--judge-fn {spec}", culprit)
+        assert not (folder / "other.jsonl").exists() or not (folder / "other.jsonl").read_text()
+    assert "toy_world" not in (HERE / "unigenbench.py").read_text()  # the demo plugs in the same way
+
+
+BAD_FLAGS = {"generate": [("--n", -1), ("--steps", 0), ("--steps", -3), ("--batch-size", 0), ("--resolution", 100000),
+                          ("--resolution", 1000), ("--seed", -1), ("--guidance", "nan"), ("--max-sequence-length", 0)],
+             "evaluate": [("--chunk", -1), ("--chunk", 0), ("--n", -2), ("--judge-retries", -1), ("--judge-timeout", 0),
+                          ("--judge-workers", 0), ("--judge-max-tokens", 0), ("--judge-temperature", -1)]}
+
+
+@pytest.mark.parametrize("command, flag, value", [(c, f, v) for c, bad in BAD_FLAGS.items() for f, v in bad])
+def test_every_flag_is_range_checked_as_it_is_parsed(command, flag, value, tmp_path):
+    required = (["--model", "nowhere/none", "--out", tmp_path / "out"] if command == "generate" else
+                ["--images", tmp_path, "--judge-url", "http://127.0.0.1:9/v1"])
+    rc, _, err = cli(command, *required, flag, value)
+    assert_one_line_error(rc, err, f"argument {flag}:", str(value))
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["--out a file", "--lora a file", "--lora missing", "--prompts a folder",
+                                  "--results a folder", "--images a file", "report of a folder"])
+def test_bad_paths_are_one_line_before_any_model_loads(case, hub_cache, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    (afile := tmp_path / "a-file").write_text("x")
+    generate = ["generate", "--model", HUB_IDS["flux"], "--out", tmp_path / "out", "--prompts", prompt_file]
+    evaluate = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-local", "nowhere/none"]
+    args, culprits = {  # a model loaded first would fail or take time; the path is named before that
+        "--out a file": (generate[:4] + [afile] + generate[5:], ["--out", "is a file"]),
+        "--lora a file": (generate + ["--lora", afile], ["--lora", "pytorch_lora_weights.safetensors"]),
+        "--lora missing": (generate + ["--lora", tmp_path / "nowhere"], ["--lora", "nowhere"]),
+        "--prompts a folder": (generate[:-1] + [tmp_path], ["--prompts", "a folder"]),
+        "--results a folder": (evaluate + ["--results", tmp_path], ["--results", "is a folder"]),
+        "--images a file": (evaluate[:2] + [afile] + evaluate[3:], ["--images", "not a folder"]),
+        "report of a folder": (["report", folder], ["report", "is a folder"])}[case]
+    started = time.monotonic()
+    rc, _, err = cli(*args, env=offline_env(hub_cache))
+    assert_one_line_error(rc, err, *culprits)
+    assert time.monotonic() - started < 20 and not (tmp_path / "out").exists() or case == "--out a file"
+
+
+def test_a_read_only_results_file_is_refused_before_the_judge_loads(tmp_path, monkeypatch):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    for results in (folder / "results.jsonl", folder / "new" / "results.jsonl"):  # read-only file, read-only folder
+        readonly = results if results.parent == folder else folder
+        (results.write_text("") if readonly == results else None, readonly.chmod(0o555))
+        if os.access(readonly, os.W_OK):  # root writes anyway: answer as the kernel answers every other user
+            monkeypatch.setattr(os, "access", lambda p, mode, real=os.access: real(p, mode) and Path(p) != readonly)
+        with pytest.raises(SystemExit) as e:
+            ugb.main(["evaluate", "--images", str(folder), "--prompts", str(prompt_file), "--n", "2", "--judge-local",
+                      "nowhere/none", "--results", str(results)])
+        assert f"--results {results}: cannot write there ({readonly} is read-only)" in str(e.value)
+        readonly.chmod(0o755)
+        monkeypatch.undo()
+
+
+def test_report_refuses_a_results_file_holding_two_prompt_sets(tmp_path):
+    mixed = write_results(tmp_path / "run" / "results.jsonl", [dict(HAND_MADE[0], prompt_set="aaa", expected=1),
+                                                             dict(HAND_MADE[2], prompt_set="bbb", expected=1)])
+    rc, _, err = cli("report", mixed)
+    assert_one_line_error(rc, err, mixed, "2 prompt sets (aaa, bbb)")
+    assert not (tmp_path / "run" / "report.md").exists()
 
 
 # ------------------------------------------------------------------------------------ end to end: tiny models

@@ -595,7 +595,8 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
     cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
-    counts, held, extra = {"judged": 0, "failed": 0}, [], {"prompt_set": fingerprint, "expected": len(keys)}
+    counts, held, interrupted = {"judged": 0, "failed": 0}, [], None
+    extra = {"prompt_set": fingerprint, "expected": len(keys)}
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
 
@@ -617,12 +618,13 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
                         write(held)
                         held = []
                     bar.update()
-        except KeyboardInterrupt:
-            write(held)
-            print(f"\nevaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in "
-                  f"{results}; the same command goes on from there", file=sys.stderr)
-            raise
-        write(held)  # fewer than stop_after judgments, all failed
+        except KeyboardInterrupt as stop:
+            interrupted = stop
+        write(held)  # fewer than stop_after judgments, all failed, or Ctrl-C
+    if interrupted:
+        print(f"evaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in {results}; "
+              "the same command goes on from there", file=sys.stderr)
+        raise interrupted
     if counts["failed"]:
         print(f"evaluate: {counts['failed']} failed (each with its reason in {results}); --retry-failed asks again")
     return counts
@@ -841,7 +843,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
-        print("" if args.command == "evaluate" else "\ninterrupted; every finished file is kept", file=sys.stderr)
+        print("" if args.command == "evaluate" else "\ninterrupted; every image written is kept", file=sys.stderr,
+              end="" if args.command == "evaluate" else "\n")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
