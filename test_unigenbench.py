@@ -146,7 +146,7 @@ def test_criteria_table_matches_the_taxonomy(taxonomy):
 
 
 @pytest.mark.parametrize("content, error", [
-    ("not json at all", "or JSON prompt records"),  # read by content, whatever the file's name
+    ("not json at all", "expected JSON prompt records or an official CSV"),  # read by content, whatever the file's name
     ('{"index": 0, "prompt": "a cat"', "bad.jsonl:1: not a prompt record"),
     ('[{"index": 0, "prompt": "a cat"', "bad.jsonl:2: not a JSON list of prompt records"),
     ('{"index": 0, "prompt": "a cat", "Testpoints": ["Style"], "Testpoint Description": []}', "equal length"),

@@ -197,7 +197,7 @@ def normalise_subtheme(theme: str, raw: str) -> str:
     return by_label.get(label.lower(), raw.strip())  # an unknown label is kept: it names rows, it scores nothing
 
 
-# ======== Prompts: the official CSVs (en/zh, short/long) and our JSON-lines file, read into one normalised form
+# ======== Prompts: the official CSVs (en/zh, short/long) and our JSON records, read into one normalised form
 # checkpoints: (English sub-criterion, the part of the prompt it tests) pairs; lang "zh" for the Chinese sets (a
 # prompt_zh column, 考点 keys): they get the zh judge template, explanations and names.
 BenchPrompt = namedtuple("BenchPrompt", "index prompt theme subtheme subject checkpoints lang", defaults=["en"])
@@ -208,16 +208,15 @@ class PromptSet(list):  # the prompts of one file, and its name (generate record
 
 
 def parse_sub_dims(text: str, where: str) -> dict:
+    """A CSV row's checkpoint JSON. en_long index 509 lacks a comma between two strings ("Grammar - Negation"
+    "Attribute - Color") and the official script crashes on it: the comma is inserted, with a warning."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    # en_long index 509 lacks a comma between two strings ("Grammar - Negation" "Attribute - Color"), and the
-    # official script crashes on it. Insert the comma and say so, rather than drop the prompt.
-    try:
-        data = json.loads(re.sub(r'"\s+"', '", "', text))
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
+        try:
+            data = json.loads(re.sub(r'"\s+"', '", "', text))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
     warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON", stacklevel=2)
     return data
 
@@ -237,14 +236,28 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
                        "zh" if zh or "考点" in sub_dims else "en")
 
 
-def _read_csv(path: Path, text: str):
+def read_rows(path: Path, text: str):
+    """(index, prompt, sub_dims, where, zh) per row of JSON records (one a line, or one list) or an official CSV."""
+    if listed := text.lstrip().startswith("["):
+        try:
+            text = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})") from None
+    if listed or text.lstrip().startswith("{"):
+        for no, row in enumerate(text if listed else text.splitlines(), 1):
+            where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
+            try:
+                if (row := row if listed else json.loads(row) if row.strip() else None) is not None:
+                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} (index {row['index']})", False
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                raise SystemExit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})") from None
+        return
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
-    text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in columns), None)
+    text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in (columns := reader.fieldnames or [])), None)
     dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
     if "index" not in columns or not text_col or not dims_col:
-        raise SystemExit(f"error: {path}: expected columns index, prompt_en|prompt_zh, sub_dims_en|sub_dims_zh (an "
-                         f"official CSV), or JSON prompt records; got {columns}")
+        raise SystemExit(f"error: {path}: expected JSON prompt records or an official CSV (columns index, prompt_en|"
+                         f"prompt_zh, sub_dims_en|sub_dims_zh); got columns {columns}")
     for row in reader:
         if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
             raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
@@ -252,38 +265,17 @@ def _read_csv(path: Path, text: str):
         yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where, text_col == "prompt_zh"
 
 
-def _read_json(path: Path, text: str):
-    """JSON lines, or one JSON list of the same records (whatever the file is called)."""
-    listed = text.lstrip().startswith("[")
-    try:
-        rows = enumerate(json.loads(text) if listed else text.splitlines(), 1)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})") from None
-    for no, row in rows:
-        where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
-        try:
-            if (row := row if listed else json.loads(row) if row.strip() else None) is None:
-                continue
-            index = int(row["index"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise SystemExit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})") from None
-        yield index, row.get("prompt"), row.get("sub_dims", row), f"{where} (index {index})", False
-
-
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
-    """An official CSV or our JSON records, told apart by content (not the file name's extension); BOM and CRLF go."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else
-                         "no such file" + ("; this default (our prompt set) sits beside unigenbench.py: pass an official"
-                                           " UniGenBench CSV" if path == DEFAULT_PROMPTS else "")))
+    """The format is told by content, not by the file's extension; a BOM and CRLF line ends are dropped."""
+    if not (path := Path(path)).is_file():
+        raise SystemExit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else "no such "
+                         "file" + ("; it is our prompt set, beside unigenbench.py: copy it there or pass --prompts "
+                                   "an official UniGenBench CSV" if path == DEFAULT_PROMPTS else "")))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the CSV reader sees quoted line breaks
-            text = f.read()
+            prompts = PromptSet(to_bench_prompt(*row) for row in read_rows(path, f.read()))
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: --prompts {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
-    rows = _read_json(path, text) if text.lstrip()[:1] in ("[", "{") else _read_csv(path, text)
-    prompts = PromptSet(to_bench_prompt(*row) for row in rows)
     prompts.name = path.name
     if not prompts or len({p.index for p in prompts}) != len(prompts):
         raise SystemExit(f"error: {path}: no prompts, or a repeated index (image files are named by index)")
@@ -320,11 +312,10 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
     return [int(s == 1) for s in scores], analysis, None
 
 
-# ======== The judge: an OpenAI-compatible server (vLLM), a Qwen-VL in this process, or a function of your own
-# A judge is judge([(text, image)]) -> an iterator of (position, (reply, error, retriable)), in the order answers come
-# back: a record is written as soon as its image is done, so Ctrl-C loses nothing that finished.
-# This HTTP client duplicates pref_grpo.py's on purpose: single-file scripts (evaluate and report need neither torch nor
-# pref_grpo.py). Standard library only: urllib, a thread pool, a timeout, retries with backoff (in _judge_chunk).
+# ======== The judge: an OpenAI-compatible server (vLLM), a function of your own, or a Qwen-VL in this process
+# judge([(text, image)]) yields (position, (reply, error, retriable)) as the answers come back, so that each image's
+# record is written as soon as it is done. The HTTP client duplicates pref_grpo.py's on purpose: evaluate and report
+# need neither torch nor pref_grpo.py. Standard library only; the retries with backoff are in judge_images.
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
@@ -335,9 +326,9 @@ def scrub(text, key_env: str) -> str:  # what users see and results keep: one li
 
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
                  timeout: float = 300.0, max_tokens: int = 4096, temperature: float | None = None):
-    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) and
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) with
     no sampling field: the official `"do_sample": false` is a field vLLM ignores, so the server's default sampling
-    decodes (docs/unigenbench.md). `temperature` adds one (0: greedy). Checks at once that the server serves `model`."""
+    decodes (docs/unigenbench.md); `temperature` adds one (0: greedy). Checks at once that the server serves `model`."""
     key = os.environ.get(key_env)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
@@ -353,7 +344,6 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         served = []  # a reachable server with an odd /models reply is still usable
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
-    sampling = {} if temperature is None else {"temperature": temperature}
 
     def ask(request):  # one POST: (reply, None, _) or (None, why it failed, whether asking again may help)
         text, image, buf = *request, io.BytesIO()
@@ -361,15 +351,13 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": text}]
         payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                   **sampling}
+                   **({} if temperature is None else {"temperature": temperature})}
         try:
             req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
                                          headers=headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
                 reply = json.loads(resp.read())["choices"][0]["message"]["content"]
-            if not isinstance(reply, str):
-                raise TypeError("message content is not text")
-            return reply, None, True
+            return (reply, None, True) if isinstance(reply, str) else (None, "unreadable server reply (not text)", True)
         except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
             return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
         except (OSError, http.client.HTTPException) as e:
@@ -385,54 +373,46 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         futures = {pool.submit(ask, r): i for i, r in enumerate(requests)}
         try:
             yield from ((futures[f], f.result()) for f in as_completed(futures))
-        finally:  # stopped early (Ctrl-C, a broken judge): requests not sent yet are dropped
+        finally:  # stopped early (Ctrl-C, a broken judge): the requests not sent yet are dropped
             for f in futures:
                 f.cancel()
     judge.where = f"--judge-url {url}"
     return judge
 
 
-def local_judge(vlm, *, max_tokens: int = 4096):
-    """A Qwen-VL judge in this process, greedy: a hub id or folder (through pref_grpo.py), or a (model, processor)."""
-    import pref_grpo  # late import: torch and transformers load slowly, and the server judge does not need them
-    model = pref_grpo.load_local_vlm(vlm, what="--judge-local") if isinstance(vlm, str) else vlm
-    def judge(requests):
-        return enumerate((r, None, True) for r in pref_grpo.local_chat(model, [(t, [i]) for t, i in requests],
-                                                                       max_tokens=max_tokens))
-    judge.where = f"--judge-local {vlm}" if isinstance(vlm, str) else "the local judge"
-    return judge
-
-
 def load_function(spec: str, flag: str):
     """`module:function` from the working directory or the installed packages; one line naming the flag if missing."""
     module, _, name = spec.partition(":")
-    if not module or not name.isidentifier():
-        sys.exit(f"error: {flag} {spec!r}: expected module:function, e.g. my_judges:judge")
-    sys.path.insert(0, os.getcwd()) if os.getcwd() not in sys.path else None
+    sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
     try:
-        fn = getattr(importlib.import_module(module), name, None)
-    except ImportError as e:
-        sys.exit(f"error: {flag} {spec}: cannot import {module} ({e})")
-    if not callable(fn):
-        sys.exit(f"error: {flag} {spec}: {module} has no function {name}")
+        if not callable(fn := getattr(importlib.import_module(module), name)):
+            raise TypeError(f"{name} is a {type(fn).__name__}, not a function")
+    except (ImportError, ValueError, AttributeError, TypeError) as e:
+        sys.exit(f"error: {flag} {spec}: {e} (expected module:function, e.g. my_judges:judge)")
     return fn
 
 
-def fn_judge(spec: str):
-    """--judge-fn: fn(texts, images) -> one reply per image in the official format, read by the official parser."""
-    fn = load_function(spec, "--judge-fn")
+def local_vlm(name: str, max_tokens: int = 4096):
+    """A Qwen-VL judge (hub id or folder) in this process as fn(texts, images); greedy, through pref_grpo.py."""
+    import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
+    vlm = pref_grpo.load_local_vlm(name, what="--judge-local")
+    return lambda texts, images: pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, images)],
+                                                      max_tokens=max_tokens)
 
+
+def function_judge(fn, where: str):
+    """A judge from fn(texts, images) -> one reply (str) per image, each read by the official parser."""
     def judge(requests):
         try:
             replies = fn([t for t, _ in requests], [i for _, i in requests])
-        except Exception as e:  # noqa: BLE001 - your function's failure is that chunk's recorded reason
-            return enumerate([(None, scrub(f"--judge-fn raised {type(e).__name__}: {e}", ""), False)] * len(requests))
+        except Exception as e:  # noqa: BLE001 - that chunk's recorded reason; 16 failures in a row stop the run
+            return enumerate([(None, scrub(f"{where} raised {type(e).__name__}: {e}", ""), False)] * len(requests))
         if not isinstance(replies, (list, tuple)) or len(replies) != len(requests):
-            sys.exit(f"error: --judge-fn {spec} returned {len(replies) if isinstance(replies, (list, tuple)) else type(replies).__name__}"
-                     f" for {len(requests)} images; it must return one reply (str) per image")
-        return enumerate((r, None, True) if isinstance(r, str) else (None, f"--judge-fn returned a {type(r).__name__}, not text", False)
+            got = len(replies) if isinstance(replies, (list, tuple)) else f"a {type(replies).__name__}"
+            sys.exit(f"error: {where} returned {got} for {len(requests)} images, not one reply (str) per image")
+        return enumerate((r, None, True) if isinstance(r, str) else (None, f"a {type(r).__name__}, not text", False)
                          for r in replies)
-    judge.where = f"--judge-fn {spec}"
+    judge.where = where
     return judge
 
 
@@ -442,13 +422,13 @@ def image_path(folder: str | os.PathLike, index: int, j: int, suffix: str = "png
 
 
 def generation_dtype(device: str, dtype: str = "fp16") -> str:
-    """The weights' dtype: on CUDA fp16, as the official inference loads every FLUX part (inference/flux_en_multi_node_
-    inference.py, `torch_dtype=torch.float16`, lines 66-75), or bf16 on request; on a CPU float32."""
+    """On CUDA fp16, as the official inference loads every FLUX part (inference/flux_en_multi_node_inference.py,
+    `torch_dtype=torch.float16`, lines 66-75), or bf16 on request; on a CPU float32."""
     return {"fp16": "float16", "bf16": "bfloat16"}[dtype] if device == "cuda" else "float32"
 
 
 def check_writable(path: Path, flag: str, folder: bool = False) -> None:
-    """Output paths are checked before any model loads: a file where a folder goes (or the reverse), or no write access."""
+    """Checked before any model loads: no file where a folder goes (or the reverse), and write access."""
     if path.exists() and path.is_dir() != folder:
         sys.exit(f"error: {flag} {path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
     base = next(p for p in (path, *path.resolve().parents) if p.exists())
@@ -519,8 +499,7 @@ def read_results(path: Path, what: str = "--results") -> dict[tuple[int, int], d
 
 def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, suffix: str = "png") -> None:
     """Every image there, and made from these prompts (generate.json records the prompt set a folder was made from)."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not (folder := Path(folder)).is_dir():
         raise SystemExit(f"error: --images {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     made = json.loads((folder / "generate.json").read_text()) if (folder / "generate.json").exists() else {}
     if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
@@ -536,32 +515,30 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
                          f"{', '.join(missing[:5])}); {hint}")
 
 
-def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
-    """Yields each image's record as soon as it is done: its reply parsed, or it failed on its last attempt (official:
-    11), or the judge rejected it (4xx: not asked again), or the image is unreadable (at once). A transport failure
-    waits (backoff) before the next attempt."""
+def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
+    """Yields each image's record once it is done: its reply parsed, or its last attempt failed (official: 11), or the
+    judge rejected it (4xx: not asked again), or the image is unreadable. A transport failure waits (backoff)."""
     from PIL import Image
 
     def record(k, reply, scores, analysis, error, tries):
-        (p, j), name = chunk[k], image_path(folder, chunk[k][0].index, chunk[k][1], suffix).name
+        (p, j), name = todo[k], image_path(folder, todo[k][0].index, todo[k][1], suffix).name
         return dict(index=p.index, image=j, file=name, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
                     checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
                     analysis=analysis, reply=reply)
 
-    texts, images, pending = [judge_prompt(p) for p, _ in chunk], [], []
-    for k, path in enumerate(image_path(folder, p.index, j, suffix) for p, j in chunk):
+    texts, images, pending = [judge_prompt(p) for p, _ in todo], [None] * len(todo), []
+    for k, path in enumerate(image_path(folder, p.index, j, suffix) for p, j in todo):
         try:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+                images[k] = im.convert("RGB")
             pending.append(k)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-            images.append(None)
             yield record(k, None, None, None, " ".join(f"unreadable image {path.name}: {e}".split())[:300], 0)
     for attempt in range(1, attempts + 1):
         retry, transport_failed = [], False
         for position, (reply, error, retriable) in judge([(texts[k], images[k]) for k in pending]):
             k = pending[position]
-            scores, analysis, error = (None, None, error) if error else parse_reply(reply, len(chunk[k][0].checkpoints))
+            scores, analysis, error = (None, None, error) if error else parse_reply(reply, len(todo[k][0].checkpoints))
             if scores is None and retriable and attempt < attempts:
                 retry.append(k)
                 transport_failed |= reply is None
@@ -576,9 +553,9 @@ def _judge_chunk(chunk: list[tuple[BenchPrompt, int]], folder: Path, judge, atte
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
              chunk: int = 32, retries: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge the images RESULTS lacks, one JSON line each, `retries` more attempts after the first (official: 10). If
-    the first `stop_after` judgments all fail, the judge is broken: stop, rather than record hours of failures. Ctrl-C
-    keeps every judgment that finished, says so, and raises KeyboardInterrupt."""
+    """Judge the images RESULTS lacks, one JSON line each, with `retries` more attempts after the first (official: 10).
+    If the first `stop_after` judgments all fail, the judge is broken: stop rather than record hours of failures. On
+    Ctrl-C every judgment that finished is kept, and KeyboardInterrupt raised once that is said."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
     done, by_index, fingerprint = read_results(results), {p.index: p.prompt for p in prompts}, prompts_fingerprint(prompts)
@@ -595,35 +572,29 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
     cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
-    counts, held, interrupted = {"judged": 0, "failed": 0}, [], None
-    extra = {"prompt_set": fingerprint, "expected": len(keys)}
+    counts, held, asked, interrupted = {"judged": 0, "failed": 0}, [], 0, None
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
-
-        def write(records):
-            out.writelines(json.dumps({**r, **extra}, ensure_ascii=False) + "\n" for r in records)
-            out.flush()  # on disk image by image: a kill -9 loses at most the images in flight
-
         try:
             for start in range(0, len(todo), chunk):
-                for record in _judge_chunk(todo[start:start + chunk], images, judge, retries + 1, suffix):
+                for record in judge_images(todo[start:start + chunk], images, judge, retries + 1, suffix):
                     counts["failed" if record["scores"] is None else "judged"] += 1
-                    held.append(record)  # until one judgment of this run works, records are held back
-                    asked = [r for r in held if r["attempts"]]  # an unreadable image says nothing about the judge
-                    if not counts["judged"] and len(asked) >= stop_after:
-                        raise SystemExit(f"error: the first {len(asked)} judgments all failed (last: "
-                                         f"{asked[-1]['error']}); is the judge at {getattr(judge, 'where', '?')} "
-                                         "working? Stopped, nothing recorded")
-                    if counts["judged"]:
-                        write(held)
+                    held.append(json.dumps(record | {"prompt_set": fingerprint, "expected": len(keys)},
+                                           ensure_ascii=False) + "\n")
+                    if not counts["judged"] and (asked := asked + bool(record["attempts"])) >= stop_after:
+                        raise SystemExit(f"error: the first {asked} judgments all failed (last: {record['error']}); is "
+                                         f"the judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
+                    if counts["judged"]:  # until one judgment of this run works, records are held back
+                        out.writelines(held)
+                        out.flush()  # on disk image by image: a kill -9 loses only the images in flight
                         held = []
                     bar.update()
         except KeyboardInterrupt as stop:
             interrupted = stop
-        write(held)  # fewer than stop_after judgments, all failed, or Ctrl-C
+        out.writelines(held)  # no judgment worked yet (fewer than stop_after failures), or Ctrl-C
     if interrupted:
-        print(f"evaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in {results}; "
-              "the same command goes on from there", file=sys.stderr)
+        print(f"evaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in {results}"
+              "; the same command goes on from there", file=sys.stderr)
         raise interrupted
     if counts["failed"]:
         print(f"evaluate: {counts['failed']} failed (each with its reason in {results}); --retry-failed asks again")
@@ -728,94 +699,84 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
     return summaries
 
 
-# ======== Command line
-# Allowed values, checked as the flags are parsed: "[lo,hi]", an end that "(" or ")" leaves open.
-RANGES = {flag: interval for interval, flags in {
-    "[1,inf)": "--n --steps --batch-size --chunk --judge-workers --judge-max-tokens", "[16,8192]": "--resolution",
-    "[0,inf)": "--guidance --judge-retries --judge-temperature", "(0,inf)": "--judge-timeout",
-    "[1,512]": "--max-sequence-length", "[0,4294967295]": "--seed"}.items() for flag in flags.split()}
-
-
+# ======== Command line: each flag once, with its default and its range, checked as it is parsed (one line naming it)
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage block
         sys.exit(f"error: {self.prog}: {message} (see --help)")
 
 
-def in_range(flag: str, kind):
-    """The argparse type of a flag in RANGES: a number of that kind inside its interval, or one line naming the flag."""
-    interval = RANGES[flag]
+def in_range(interval: str, kind):
+    """The argparse type of a number in an interval: "[lo,hi)", each end closed [ ] or open ( )."""
     lo, hi = (float(x) for x in interval[1:-1].split(","))
 
     def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not lo <= v <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
+        if not lo <= (v := kind(text)) <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
         return v
+    parse.__name__ = kind.__name__  # a ValueError reads "invalid int value: 'two'"
     return parse
 
 
 def add_flags(parser, flags) -> None:
-    """(flag, default, help[, more argparse keywords]); each help ends with its range and its default, or says the flag
-    is required."""
+    """(flag, default, help[, argparse keywords][, range "[lo,hi)"]); each help ends with its range and its default,
+    or says the flag is required."""
     for flag, default, text, *more in flags:
         kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
             "default": default, **({"type": type(default)} if default is not None else {})}
-        kw |= more[0] if more else {}
-        if flag in RANGES:
-            kw["type"], text = in_range(flag, kw.get("type", int)), f"{text}; in {RANGES[flag]}"
+        for extra in more:  # a range makes the type check it
+            kw |= extra if isinstance(extra, dict) else {"type": in_range(extra, kw.get("type", int))}
+            text += "" if isinstance(extra, dict) else f"; in {extra}"
         suffix = "; required" if default == "required" else "" if "default:" in text else "; default: %(default)s"
         parser.add_argument(flag, help=text + suffix, **kw)
 
 
 def main(argv: list[str] | None = None) -> None:
     doc = __doc__.split("\n\n")
-    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]),
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
     g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
+    e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
+    r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
     add_flags(g, [
         ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a tiny random '
          "FLUX, for a smoke test"),
         ("--out", "required", "folder for the images and generate.json"),
         ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
-        ("--resolution", None, "image side in pixels, a multiple of 16; default: 1024 (official), 32 with --model tiny",
-         {"type": int}),
-        ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}),
-        ("--guidance", 3.5, "FLUX guidance (official)"), ("--max-sequence-length", 512, "T5 tokens (official)"),
-        ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)"),
-        ("--batch-size", 4, "images per sampler call"),
-        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (float32 on a CPU)",
+        ("--resolution", None, "image side, a multiple of 16; default: 1024 (official), 32 with --model tiny",
+         {"type": int}, "[16,8192]"),
+        ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}, "[1,inf)"),
+        ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"),
+        ("--max-sequence-length", 512, "T5 tokens (official)", "[1,512]"),
+        ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)", "[0,4294967295]"),
+        ("--batch-size", 4, "images per sampler call", "[1,inf)"),
+        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (a CPU: float32)",
          {"choices": ["fp16", "bf16"]})])
-    e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
         ("--results", None, "results file; default: IMAGES/results.jsonl"),
-        ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official "
-         "scripts)"),
+        ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official)"),
         ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
-        ("--judge-retries", 10, "attempts after the first until an image's reply parses (official: 10, so 11 "
-         "attempts); a local Qwen-VL decodes greedily and gets one"),
-        ("--judge-temperature", None, "adds this temperature to each request (0: greedy); default: none, the server's "
-         "own sampling, as the official request gets", {"type": float}),
-        ("--judge-max-tokens", 4096, "reply length limit (official)"), ("--judge-workers", 8, "requests in flight"),
-        ("--judge-timeout", 300.0, "seconds per request"), ("--chunk", 32, "images sent to the judge at a time"),
+        ("--judge-retries", 10, "attempts after the first until an image's reply parses (official: 10, so 11 in all); "
+         "a local Qwen-VL decodes greedily and gets one", "[0,inf)"),
+        ("--judge-temperature", None, "add this temperature to each request (0: greedy); default: none, the server's "
+         "own sampling, as the official request gets", {"type": float}, "[0,inf)"),
+        ("--judge-max-tokens", 4096, "reply length limit (official)", "[1,inf)"),
+        ("--judge-workers", 8, "requests in flight", "[1,inf)"),
+        ("--judge-timeout", 300.0, "seconds per request", "(0,inf)"),
+        ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
     judges = e.add_mutually_exclusive_group(required=True)
     for flag, text in [("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
-                       ("--judge-local", "a Qwen-VL judge in this process (needs pref_grpo.py): hub id (CodeGoat24/"
-                        "UniGenBench-EvalModel-qwen3vl-32b-v1) or folder"),
-                       ("--judge-fn", "module:function of your own, fn(texts, images) -> one reply per image in the "
-                        "official format (from the working directory or installed packages)")]:
-        judges.add_argument(flag, help=text + "; one of --judge-url, --judge-local, --judge-fn is required")
+                       ("--judge-fn", "module:function, fn(texts, images) -> one reply per image in the official "
+                        "format, from the working directory or an installed package"),
+                       ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, "
+                        "run in this process (needs pref_grpo.py)")]:
+        judges.add_argument(flag, help=text + "; one of --judge-url, --judge-fn, --judge-local is required")
     for sub in g, e:
         add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, "
                          "_en_long, _zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
-                        ("--n", 4, "images per prompt (official)")])
-    r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
+                        ("--n", 4, "images per prompt (official)", "[1,inf)")])
     r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
     add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
                   ("--out", None, "output path without extension (.json and .md); default: report or compare "
@@ -836,15 +797,15 @@ def main(argv: list[str] | None = None) -> None:
             judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
                                   workers=args.judge_workers, timeout=args.judge_timeout,
                                   max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
-                     if args.judge_url else fn_judge(args.judge_fn) if args.judge_fn else
-                     local_judge(args.judge_local, max_tokens=args.judge_max_tokens))
+                     if args.judge_url else function_judge(load_function(args.judge_fn, "--judge-fn"), "--judge-fn "
+                     + args.judge_fn) if args.judge_fn else function_judge(local_vlm(
+                         args.judge_local, args.judge_max_tokens), f"--judge-local {args.judge_local}"))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
                      retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
-        print("" if args.command == "evaluate" else "\ninterrupted; every image written is kept", file=sys.stderr,
-              end="" if args.command == "evaluate" else "\n")
+        print(*["interrupted; every image written is kept"] * (args.command == "generate"), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
