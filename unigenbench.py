@@ -207,20 +207,6 @@ class PromptSet(list):  # the prompts of one file, and its name (generate record
     name = ""
 
 
-def parse_sub_dims(text: str, where: str) -> dict:
-    """A CSV row's checkpoint JSON. en_long index 509 lacks a comma between two strings ("Grammar - Negation"
-    "Attribute - Color") and the official script crashes on it: the comma is inserted, with a warning."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = json.loads(re.sub(r'"\s+"', '", "', text))
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
-    warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON", stacklevel=2)
-    return data
-
-
 def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = False) -> BenchPrompt:
     fields = {KEYS_ZH.get(k, k): v for k, v in sub_dims.items()} if isinstance(sub_dims, dict) else {}
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
@@ -237,7 +223,7 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
 
 
 def read_rows(path: Path, text: str):
-    """(index, prompt, sub_dims, where, zh) per row of JSON records (one a line, or one list) or an official CSV."""
+    """(index, prompt, sub_dims, where, zh) per row of JSON records (one a line, or one list) or of an official CSV."""
     if listed := text.lstrip().startswith("["):
         try:
             text = json.loads(text)
@@ -248,7 +234,8 @@ def read_rows(path: Path, text: str):
             where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
             try:
                 if (row := row if listed else json.loads(row) if row.strip() else None) is not None:
-                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} (index {row['index']})", False
+                    yield (int(row["index"]), row.get("prompt"), row.get("sub_dims", row),
+                           f"{where} (index {row['index']})", False)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 raise SystemExit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})") from None
         return
@@ -262,15 +249,23 @@ def read_rows(path: Path, text: str):
         if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
             raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
         where = f"{path.name} index {row['index']}"
-        yield int(row["index"]), row[text_col], parse_sub_dims(row[dims_col], where), where, text_col == "prompt_zh"
+        try:
+            try:
+                dims = json.loads(row[dims_col])
+            except json.JSONDecodeError:  # en_long index 509 lacks a comma between two strings (the official crashes)
+                dims = json.loads(re.sub(r'"\s+"', '", "', row[dims_col]))
+                warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON", stacklevel=2)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
+        yield int(row["index"]), row[text_col], dims, where, text_col == "prompt_zh"
 
 
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
     """The format is told by content, not by the file's extension; a BOM and CRLF line ends are dropped."""
     if not (path := Path(path)).is_file():
         raise SystemExit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else "no such "
-                         "file" + ("; it is our prompt set, beside unigenbench.py: copy it there or pass --prompts "
-                                   "an official UniGenBench CSV" if path == DEFAULT_PROMPTS else "")))
+                         "file" + (" (our prompt set, beside unigenbench.py): pass --prompts an official UniGenBench "
+                                   "CSV" if path == DEFAULT_PROMPTS else "")))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the CSV reader sees quoted line breaks
             prompts = PromptSet(to_bench_prompt(*row) for row in read_rows(path, f.read()))
@@ -313,9 +308,9 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
 
 
 # ======== The judge: an OpenAI-compatible server (vLLM), a function of your own, or a Qwen-VL in this process
-# judge([(text, image)]) yields (position, (reply, error, retriable)) as the answers come back, so that each image's
-# record is written as soon as it is done. The HTTP client duplicates pref_grpo.py's on purpose: evaluate and report
-# need neither torch nor pref_grpo.py. Standard library only; the retries with backoff are in judge_images.
+# judge([(text, image)]) yields (position, (reply, error, retriable)) as answers come back, so that each image's record
+# is written as soon as it is done. The HTTP client duplicates pref_grpo.py's on purpose: evaluate and report need
+# neither torch nor pref_grpo.py. Standard library only; the retries, with backoff, are in judge_images.
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
@@ -329,14 +324,14 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
     """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) with
     no sampling field: the official `"do_sample": false` is a field vLLM ignores, so the server's default sampling
     decodes (docs/unigenbench.md); `temperature` adds one (0: greedy). Checks at once that the server serves `model`."""
-    key = os.environ.get(key_env)
+    key, url = os.environ.get(key_env), url.rstrip("/")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/models", headers=headers), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "/models", headers=headers), timeout=30) as r:
             served = [m["id"] for m in json.loads(r.read())["data"]]
     except urllib.error.HTTPError as e:
         hint = (f" (check ${key_env}, see --judge-api-key-env)" if e.code in (401, 403) else
-                " (is --judge-url missing /v1?)" if e.code == 404 and not url.rstrip("/").endswith("/v1") else "")
+                " (is --judge-url missing /v1?)" if e.code == 404 and not url.endswith("/v1") else "")
         sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
     except (OSError, http.client.HTTPException) as e:
         sys.exit(scrub(f"error: --judge-url: judge server {url} is not reachable: {getattr(e, 'reason', e)}", key_env))
@@ -353,8 +348,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                    **({} if temperature is None else {"temperature": temperature})}
         try:
-            req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
-                                         headers=headers, method="POST")
+            req = urllib.request.Request(url + "/chat/completions", json.dumps(payload).encode(), headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
                 reply = json.loads(resp.read())["choices"][0]["message"]["content"]
             return (reply, None, True) if isinstance(reply, str) else (None, "unreadable server reply (not text)", True)
@@ -367,9 +361,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         except (ValueError, LookupError, TypeError) as e:
             return None, f"unreadable server reply ({type(e).__name__})", True
 
-    pool = ThreadPoolExecutor(max(1, workers))
-
-    def judge(requests):
+    def judge(requests, pool=ThreadPoolExecutor(max(1, workers))):
         futures = {pool.submit(ask, r): i for i, r in enumerate(requests)}
         try:
             yield from ((futures[f], f.result()) for f in as_completed(futures))
@@ -393,25 +385,19 @@ def load_function(spec: str, flag: str):
 
 
 def local_vlm(name: str, max_tokens: int = 4096):
-    """A Qwen-VL judge (hub id or folder) in this process as fn(texts, images); greedy, through pref_grpo.py."""
+    """--judge-local: a Qwen-VL (hub id or folder) in this process, greedy, as fn(texts, images); needs pref_grpo.py."""
     import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
     vlm = pref_grpo.load_local_vlm(name, what="--judge-local")
-    return lambda texts, images: pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, images)],
-                                                      max_tokens=max_tokens)
+    return lambda texts, ims: pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, ims)], max_tokens=max_tokens)
 
 
-def function_judge(fn, where: str):
-    """A judge from fn(texts, images) -> one reply (str) per image, each read by the official parser."""
+def function_judge(where: str, fn):
+    """A judge from fn(texts, images) -> one reply per image (your --judge-fn, or --judge-local's Qwen-VL)."""
     def judge(requests):
-        try:
-            replies = fn([t for t, _ in requests], [i for _, i in requests])
-        except Exception as e:  # noqa: BLE001 - that chunk's recorded reason; 16 failures in a row stop the run
-            return enumerate([(None, scrub(f"{where} raised {type(e).__name__}: {e}", ""), False)] * len(requests))
-        if not isinstance(replies, (list, tuple)) or len(replies) != len(requests):
-            got = len(replies) if isinstance(replies, (list, tuple)) else f"a {type(replies).__name__}"
-            sys.exit(f"error: {where} returned {got} for {len(requests)} images, not one reply (str) per image")
-        return enumerate((r, None, True) if isinstance(r, str) else (None, f"a {type(r).__name__}, not text", False)
-                         for r in replies)
+        replies = fn([t for t, _ in requests], [i for _, i in requests])
+        if len(replies := list(replies) if isinstance(replies, (list, tuple)) else [replies]) != len(requests):
+            sys.exit(f"error: {where} returned {len(replies)} replies for {len(requests)} images, not one per image")
+        return enumerate((str(r), None, True) for r in replies)
     judge.where = where
     return judge
 
@@ -450,10 +436,9 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
                     guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
                     n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"), dtype=dtype)
     old = json.loads((out / "generate.json").read_text()) if (out / "generate.json").exists() else {}
-    changed = [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]
-    if changed and any(out.glob("*.png")):  # resuming would silently blend two runs
-        raise SystemExit(f"error: --out {out} holds images made with other settings ({', '.join(changed)}); "
-                         "use another --out")
+    if (changed := [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]) and any(
+            out.glob("*.png")):  # resuming would silently blend two runs
+        sys.exit(f"error: --out {out} holds images made with other settings ({', '.join(changed)}); use another --out")
     (out / "generate.json").write_text(json.dumps(settings, indent=1))
     todo = [(p, j) for p in prompts for j in range(n) if not image_path(out, p.index, j).exists()]
     print(f"generate: {len(prompts) * n - len(todo)} images already in {out}, {len(todo)} to make "
@@ -500,19 +485,18 @@ def read_results(path: Path, what: str = "--results") -> dict[tuple[int, int], d
 def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, suffix: str = "png") -> None:
     """Every image there, and made from these prompts (generate.json records the prompt set a folder was made from)."""
     if not (folder := Path(folder)).is_dir():
-        raise SystemExit(f"error: --images {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+        sys.exit(f"error: --images {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     made = json.loads((folder / "generate.json").read_text()) if (folder / "generate.json").exists() else {}
     if made.get("prompts") not in (None, prompts_fingerprint(prompts)):
-        raise SystemExit(f"error: the images in {folder} were generated from the prompt set {made.get('prompt_set')}, "
-                         f"not from {getattr(prompts, 'name', 'these prompts')}: pass that file as --prompts")
-    missing = [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
-               if not image_path(folder, p.index, j, suffix).exists()]
-    if missing:
+        sys.exit(f"error: the images in {folder} were generated from the prompt set {made.get('prompt_set')}, not "
+                 f"from {getattr(prompts, 'name', 'these prompts')}: pass that file as --prompts")
+    if missing := [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
+                   if not image_path(folder, p.index, j, suffix).exists()]:
         other = [s for s in ("png", "jpg", "jpeg", "webp") if (folder / missing[0]).with_suffix("." + s).exists()]
         hint = (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else
                 "run generate with the same --prompts and --n first")
-        raise SystemExit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
-                         f"{', '.join(missing[:5])}); {hint}")
+        sys.exit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
+                 f"{', '.join(missing[:5])}); {hint}")
 
 
 def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
@@ -520,20 +504,20 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attem
     judge rejected it (4xx: not asked again), or the image is unreadable. A transport failure waits (backoff)."""
     from PIL import Image
 
-    def record(k, reply, scores, analysis, error, tries):
-        (p, j), name = todo[k], image_path(folder, todo[k][0].index, todo[k][1], suffix).name
-        return dict(index=p.index, image=j, file=name, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
-                    checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
-                    analysis=analysis, reply=reply)
+    def record(k, tries, reply=None, scores=None, analysis=None, error=None):
+        p, j = todo[k]
+        return dict(index=p.index, image=j, file=paths[k].name, prompt=p.prompt, lang=p.lang, theme=p.theme,
+                    subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error,
+                    attempts=tries, analysis=analysis, reply=reply)
 
-    texts, images, pending = [judge_prompt(p) for p, _ in todo], [None] * len(todo), []
-    for k, path in enumerate(image_path(folder, p.index, j, suffix) for p, j in todo):
+    paths, images = [image_path(folder, p.index, j, suffix) for p, j in todo], {}
+    for k, path in enumerate(paths):
         try:
             with Image.open(path) as im:
                 images[k] = im.convert("RGB")
-            pending.append(k)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-            yield record(k, None, None, None, " ".join(f"unreadable image {path.name}: {e}".split())[:300], 0)
+            yield record(k, 0, error=" ".join(f"unreadable image {path.name}: {e}".split())[:300])
+    pending, texts = list(images), {k: judge_prompt(todo[k][0]) for k in images}
     for attempt in range(1, attempts + 1):
         retry, transport_failed = [], False
         for position, (reply, error, retriable) in judge([(texts[k], images[k]) for k in pending]):
@@ -543,7 +527,7 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attem
                 retry.append(k)
                 transport_failed |= reply is None
             else:
-                yield record(k, reply, scores, analysis, error, attempt)
+                yield record(k, attempt, reply, scores, analysis, error)
         if retry and transport_failed:  # give the server time
             time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
         if not (pending := retry):
@@ -561,8 +545,8 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
     done, by_index, fingerprint = read_results(results), {p.index: p.prompt for p in prompts}, prompts_fingerprint(prompts)
     if clash := [i for (i, _), r in done.items() if r.get("prompt_set", fingerprint) != fingerprint
                  or (i in by_index and r.get("prompt") != by_index[i])]:
-        raise SystemExit(f"error: --results {results} holds judgments of another prompt set (index {clash[0]}); "
-                         "use another --results")
+        sys.exit(f"error: --results {results} holds judgments of another prompt set (index {clash[0]}); use another "
+                 "--results")
     keys = [(p, j) for p in prompts for j in range(n)]
     failed = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
     todo = [(p, j) for p, j in keys if (p.index, j) not in done or (retry_failed and (p.index, j) in failed)]
@@ -582,8 +566,8 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
                     held.append(json.dumps(record | {"prompt_set": fingerprint, "expected": len(keys)},
                                            ensure_ascii=False) + "\n")
                     if not counts["judged"] and (asked := asked + bool(record["attempts"])) >= stop_after:
-                        raise SystemExit(f"error: the first {asked} judgments all failed (last: {record['error']}); is "
-                                         f"the judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
+                        sys.exit(f"error: the first {asked} judgments all failed (last: {record['error']}); is the "
+                                 f"judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
                     if counts["judged"]:  # until one judgment of this run works, records are held back
                         out.writelines(held)
                         out.flush()  # on disk image by image: a kill -9 loses only the images in flight
@@ -604,15 +588,15 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
 # ======== report: pooled accuracy per sub-criterion, primary dimension and theme; overall = mean of the 10 primaries
 def load_result_records(path: str | os.PathLike) -> list[dict]:
     if not (records := list(read_results(Path(path), "report").values())):
-        raise SystemExit(f"error: no judge results in {path}")
-    if len(sets := sorted({r["prompt_set"] for r in records if "prompt_set" in r})) > 1:  # one set's coverage each
-        raise SystemExit(f"error: {path} holds judgments of {len(sets)} prompt sets ({', '.join(sets)}); pooled, "
-                         "they would read as one run: judge each set into its own --results")
+        sys.exit(f"error: no judge results in {path}")
+    if len(sets := sorted({r["prompt_set"] for r in records if "prompt_set" in r})) > 1:  # coverage is per set
+        sys.exit(f"error: {path} holds judgments of {len(sets)} prompt sets ({', '.join(sets)}); pooled, they would "
+                 "read as one run: judge each set into its own --results")
     for r in records:
         names, scores = [c[0] for c in r.get("checkpoints", [])], r.get("scores")
         if any(name not in SUB_CRITERIA for name in names) or "theme" not in r or (
                 scores is not None and (len(scores) != len(names) or any(s not in (0, 1) for s in scores))):
-            raise SystemExit(f"error: {path}: malformed record for image {r.get('file', r.get('index'))}")
+            sys.exit(f"error: {path}: malformed record for image {r.get('file', r.get('index'))}")
     return records
 
 
@@ -684,9 +668,8 @@ def markdown_table(summaries: dict[str, dict]) -> str:
 def report(paths: list[str], names: list[str] | None = None, out: str | None = None) -> dict[str, dict]:
     """Summarize each results file; write OUT.json and OUT.md (default: report.* or compare.* beside the first)."""
     if names and len(names) != len(paths):
-        raise SystemExit(f"error: --names has {len(names)} entries for {len(paths)} results files")
-    names = names or [Path(p).resolve().parent.name for p in paths]
-    if len(set(names)) < len(names):
+        sys.exit(f"error: --names has {len(names)} entries for {len(paths)} results files")
+    if len(set(names := names or [Path(p).resolve().parent.name for p in paths])) < len(names):
         names = [str(p) for p in paths]  # two runs in folders of the same name: the paths tell them apart
     out = str(out or Path(paths[0]).parent / ("report" if len(paths) == 1 else "compare"))
     check_writable(Path(out + ".md"), "--out")
@@ -705,28 +688,27 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"error: {self.prog}: {message} (see --help)")
 
 
-def in_range(interval: str, kind):
-    """The argparse type of a number in an interval: "[lo,hi)", each end closed [ ] or open ( )."""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-
-    def parse(text: str):
-        if not lo <= (v := kind(text)) <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
-        return v
-    parse.__name__ = kind.__name__  # a ValueError reads "invalid int value: 'two'"
-    return parse
-
-
 def add_flags(parser, flags) -> None:
-    """(flag, default, help[, argparse keywords][, range "[lo,hi)"]); each help ends with its range and its default,
-    or says the flag is required."""
+    """(flag, default, help[, argparse keywords][, range "[lo,hi)", each end closed [ ] or open ( )]); each help ends
+    with its range and default, or says the flag is required."""
+    def in_range(interval: str, kind):
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+
+        def parse(text: str):
+            if not lo <= (v := kind(text)) <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
+                raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+            return v
+        parse.__name__ = kind.__name__  # a ValueError reads "invalid int value: 'two'"
+        return parse
+
     for flag, default, text, *more in flags:
         kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
             "default": default, **({"type": type(default)} if default is not None else {})}
         for extra in more:  # a range makes the type check it
             kw |= extra if isinstance(extra, dict) else {"type": in_range(extra, kw.get("type", int))}
             text += "" if isinstance(extra, dict) else f"; in {extra}"
-        suffix = "; required" if default == "required" else "" if "default:" in text else "; default: %(default)s"
+        suffix = "; required" if default == "required" else "" if re.search("default:|required", text) else (
+            "; default: %(default)s")
         parser.add_argument(flag, help=text + suffix, **kw)
 
 
@@ -749,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         ("--max-sequence-length", 512, "T5 tokens (official)", "[1,512]"),
         ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)", "[0,4294967295]"),
         ("--batch-size", 4, "images per sampler call", "[1,inf)"),
-        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (a CPU: float32)",
+        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
          {"choices": ["fp16", "bf16"]})])
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
@@ -766,13 +748,13 @@ def main(argv: list[str] | None = None) -> None:
         ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
-    judges = e.add_mutually_exclusive_group(required=True)
-    for flag, text in [("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
-                       ("--judge-fn", "module:function, fn(texts, images) -> one reply per image in the official "
-                        "format, from the working directory or an installed package"),
-                       ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, "
-                        "run in this process (needs pref_grpo.py)")]:
-        judges.add_argument(flag, help=text + "; one of --judge-url, --judge-fn, --judge-local is required")
+    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; one of --judge-url, --judge-fn, "
+                                                                "--judge-local is required") for flag, text in [
+        ("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
+        ("--judge-fn", "module:function, fn(texts, images) -> one reply per image in the official format, from the "
+         "working directory or an installed package"),
+        ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, run in this "
+         "process (needs pref_grpo.py)")]])
     for sub in g, e:
         add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, "
                          "_en_long, _zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
@@ -797,17 +779,17 @@ def main(argv: list[str] | None = None) -> None:
             judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
                                   workers=args.judge_workers, timeout=args.judge_timeout,
                                   max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
-                     if args.judge_url else function_judge(load_function(args.judge_fn, "--judge-fn"), "--judge-fn "
-                     + args.judge_fn) if args.judge_fn else function_judge(local_vlm(
-                         args.judge_local, args.judge_max_tokens), f"--judge-local {args.judge_local}"))
+                     if args.judge_url else function_judge(f"--judge-fn {args.judge_fn}", load_function(
+                         args.judge_fn, "--judge-fn")) if args.judge_fn else function_judge(
+                         f"--judge-local {args.judge_local}", local_vlm(args.judge_local, args.judge_max_tokens)))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
                      retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
-        print(*["interrupted; every image written is kept"] * (args.command == "generate"), file=sys.stderr)
+        print("interrupted; every image written is kept" if args.command == "generate" else "", end="\n" * (
+            args.command == "generate"), file=sys.stderr, flush=True)
         sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
 
 
