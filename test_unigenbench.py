@@ -632,7 +632,7 @@ def test_judge_fn_plugs_in_a_judge_of_your_own(tmp_path):
     for spec, culprit in [("nowhere:judge", "No module named 'nowhere'"), ("my_judges", "module:function"),
                           ("my_judges:missing", "has no attribute 'missing'"),
                           ("my_judges:not_a_function", "not a function"),
-                          ("my_judges:wrong_count", "returned 0 replies for 6 images")]:
+                          ("my_judges:wrong_count", "returned 0 replies for 6 images, not one each")]:
         rc, _, err = cli(*args, "--results", folder / "other.jsonl", "--judge-fn", spec, cwd=work)
         assert_one_line_error(rc, err, f"--judge-fn {spec}", culprit)
         assert not (folder / "other.jsonl").exists() or not (folder / "other.jsonl").read_text()

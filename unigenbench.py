@@ -10,9 +10,10 @@ dimension (10) and theme (5); overall = the mean of the 10 primaries. Each step 
   python unigenbench.py report runs/ugb/base/results.jsonl [runs/ugb/trained/results.jsonl ...]
 
   python unigenbench.py generate --model tiny --out runs/ugb/tiny        # a smoke test: tiny random FLUX, a minute
-  python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1
+  python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1  # or:
+  python unigenbench.py evaluate --images DIR --judge-fn my_judges:judge    # fn(texts, images) -> replies, your own
 
-Prompts: our prompts.jsonl (default) or an official CSV. Needs pref_grpo.py beside it for generate and --judge-local.
+Needs pref_grpo.py beside it for generate and --judge-local, and prompts.jsonl (the default --prompts) for our prompts.
 """
 from __future__ import annotations
 
@@ -178,25 +179,6 @@ KEYS_ZH = {"一级垂类": "Primary Categories", "二级垂类": "Secondary Cate
            "句式": "Sentence Structure", "考点": "Testpoints", "考点对应描述": "Testpoint Description"}
 
 
-def canonical_criterion(name: str, where: str) -> str:
-    """English or Chinese checkpoint name -> one of the 27 English sub-criteria (spaces and case do not matter)."""
-    key = lambda text: re.sub(r"\s+", "", text).lower()  # noqa: E731
-    by_key = {key(n): n for n in SUB_CRITERIA} | {key(c.zh): n for n, c in SUB_CRITERIA.items()}
-    if key(name) not in by_key:
-        raise SystemExit(f"error: {where}: unknown checkpoint {name!r} (not one of the 27 UniGenBench sub-criteria)")
-    return by_key[key(name)]
-
-
-def normalise_subtheme(theme: str, raw: str) -> str:
-    label = raw.strip()
-    for prefix in (theme, THEMES_ZH.get(theme, theme)):  # "Art-Graphic Art", "艺术-平面艺术": drop the theme
-        if label.lower().startswith(prefix.lower() + "-"):
-            label = label[len(prefix) + 1:]
-    names = SUBTHEMES.get(theme, {})
-    by_label = {n.lower(): n for n in names} | {zh.lower(): n for n, zh in names.items()} | SUBTHEME_ALIASES
-    return by_label.get(label.lower(), raw.strip())  # an unknown label is kept: it names rows, it scores nothing
-
-
 # ======== Prompts: the official CSVs (en/zh, short/long) and our JSON records, read into one normalised form
 # checkpoints: (English sub-criterion, the part of the prompt it tests) pairs; lang "zh" for the Chinese sets (a
 # prompt_zh column, 考点 keys): they get the zh judge template, explanations and names.
@@ -208,17 +190,27 @@ class PromptSet(list):  # the prompts of one file, and its name (generate record
 
 
 def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = False) -> BenchPrompt:
+    """Checkpoint names (English or Chinese; spaces and case aside) -> the 27 English sub-criteria; theme and sub-theme
+    labels (English, Chinese, older spellings) -> the taxonomy's; an unknown sub-theme label is kept (scores nothing)."""
     fields = {KEYS_ZH.get(k, k): v for k, v in sub_dims.items()} if isinstance(sub_dims, dict) else {}
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
     if not (isinstance(text, str) and text.strip() and isinstance(names, list) and isinstance(descriptions, list)
             and names and len(names) == len(descriptions)):
-        raise SystemExit(f"error: {where}: needs a prompt and non-empty Testpoints / Testpoint Description lists of "
-                         "equal length")
+        sys.exit(f"error: {where}: needs a prompt and non-empty Testpoints / Testpoint Description of equal length")
+    key = lambda label: re.sub(r"\s+", "", str(label)).lower()  # noqa: E731
+    criteria = {key(n): n for n in SUB_CRITERIA} | {key(c.zh): n for n, c in SUB_CRITERIA.items()}
+    if unknown := [n for n in names if key(n) not in criteria]:
+        sys.exit(f"error: {where}: unknown checkpoint {unknown[0]!r} (not one of the 27 UniGenBench sub-criteria)")
     theme = str(fields.get("Primary Categories", "")).strip()
     theme = ({t.lower(): t for t in THEMES_ZH} | {zh: t for t, zh in THEMES_ZH.items()}).get(theme.lower(), theme)
-    return BenchPrompt(index, text, theme, normalise_subtheme(theme, str(fields.get("Secondary Categories", ""))),
-                       SUBJECTS_ZH.get(subject := str(fields.get("Subjects", "")).strip(), subject),
-                       tuple((canonical_criterion(str(n), where), str(d)) for n, d in zip(names, descriptions)),
+    label = raw = str(fields.get("Secondary Categories", "")).strip()
+    for prefix in (theme, THEMES_ZH.get(theme, theme)):  # "Art-Graphic Art", "艺术-平面艺术": drop the theme
+        label = label[len(prefix) + 1:] if label.lower().startswith(prefix.lower() + "-") else label
+    subs = SUBTHEMES.get(theme, {})
+    subtheme = ({n.lower(): n for n in subs} | {z.lower(): n for n, z in subs.items()} | SUBTHEME_ALIASES).get(
+        label.lower(), raw)
+    return BenchPrompt(index, text, theme, subtheme, SUBJECTS_ZH.get(subject := str(fields.get("Subjects", "")).strip(),
+                       subject), tuple((criteria[key(n)], str(d)) for n, d in zip(names, descriptions)),
                        "zh" if zh or "考点" in sub_dims else "en")
 
 
@@ -263,9 +255,8 @@ def read_rows(path: Path, text: str):
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
     """The format is told by content, not by the file's extension; a BOM and CRLF line ends are dropped."""
     if not (path := Path(path)).is_file():
-        raise SystemExit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else "no such "
-                         "file" + (" (our prompt set, beside unigenbench.py): pass --prompts an official UniGenBench "
-                                   "CSV" if path == DEFAULT_PROMPTS else "")))
+        sys.exit(f"error: --prompts {path}: " + ("a folder, not a prompt file" if path.is_dir() else "no such file" + (
+            " (the default, beside unigenbench.py): pass an official UniGenBench CSV" * (path == DEFAULT_PROMPTS))))
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the CSV reader sees quoted line breaks
             prompts = PromptSet(to_bench_prompt(*row) for row in read_rows(path, f.read()))
@@ -308,9 +299,8 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
 
 
 # ======== The judge: an OpenAI-compatible server (vLLM), a function of your own, or a Qwen-VL in this process
-# judge([(text, image)]) yields (position, (reply, error, retriable)) as answers come back, so that each image's record
-# is written as soon as it is done. The HTTP client duplicates pref_grpo.py's on purpose: evaluate and report need
-# neither torch nor pref_grpo.py. Standard library only; the retries, with backoff, are in judge_images.
+# judge([(text, image)]) yields (position, (reply, error, retriable)) as answers come back. The HTTP client duplicates
+# pref_grpo.py's on purpose: evaluate and report need neither torch nor pref_grpo.py (standard library only).
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
@@ -321,9 +311,8 @@ def scrub(text, key_env: str) -> str:  # what users see and results keep: one li
 
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
                  timeout: float = 300.0, max_tokens: int = 4096, temperature: float | None = None):
-    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) with
-    no sampling field: the official `"do_sample": false` is a field vLLM ignores, so the server's default sampling
-    decodes (docs/unigenbench.md); `temperature` adds one (0: greedy). Checks at once that the server serves `model`."""
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) with no
+    sampling field (the official `"do_sample": false` is one vLLM ignores: docs/unigenbench.md); checks the server."""
     key, url = os.environ.get(key_env), url.rstrip("/")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
@@ -350,8 +339,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         try:
             req = urllib.request.Request(url + "/chat/completions", json.dumps(payload).encode(), headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
-                reply = json.loads(resp.read())["choices"][0]["message"]["content"]
-            return (reply, None, True) if isinstance(reply, str) else (None, "unreadable server reply (not text)", True)
+                return str(json.loads(resp.read())["choices"][0]["message"]["content"]), None, True
         except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
             return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
         except (OSError, http.client.HTTPException) as e:
@@ -372,33 +360,30 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
     return judge
 
 
-def load_function(spec: str, flag: str):
-    """`module:function` from the working directory or the installed packages; one line naming the flag if missing."""
-    module, _, name = spec.partition(":")
-    sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
-    try:
-        if not callable(fn := getattr(importlib.import_module(module), name)):
-            raise TypeError(f"{name} is a {type(fn).__name__}, not a function")
-    except (ImportError, ValueError, AttributeError, TypeError) as e:
-        sys.exit(f"error: {flag} {spec}: {e} (expected module:function, e.g. my_judges:judge)")
-    return fn
+def function_judge(flag: str, spec: str, max_tokens: int = 4096):
+    """--judge-fn module:function of yours, fn(texts, images) -> one reply per image (from the working directory or the
+    installed packages), or --judge-local: a Qwen-VL hub id or folder in this process, greedy, through pref_grpo.py."""
+    if flag == "--judge-local":
+        import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
+        vlm = pref_grpo.load_local_vlm(spec, what=flag)
 
+        def fn(texts, images):
+            return pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, images)], max_tokens=max_tokens)
+    else:
+        module, _, name = spec.partition(":")
+        sys.path[:0] = [] if os.getcwd() in sys.path else [os.getcwd()]
+        try:
+            if not callable(fn := getattr(importlib.import_module(module), name)):
+                raise TypeError(f"{name} is a {type(fn).__name__}, not a function")
+        except (ImportError, ValueError, AttributeError, TypeError) as e:
+            sys.exit(f"error: {flag} {spec}: {e} (expected module:function, e.g. my_judges:judge)")
 
-def local_vlm(name: str, max_tokens: int = 4096):
-    """--judge-local: a Qwen-VL (hub id or folder) in this process, greedy, as fn(texts, images); needs pref_grpo.py."""
-    import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
-    vlm = pref_grpo.load_local_vlm(name, what="--judge-local")
-    return lambda texts, ims: pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, ims)], max_tokens=max_tokens)
-
-
-def function_judge(where: str, fn):
-    """A judge from fn(texts, images) -> one reply per image (your --judge-fn, or --judge-local's Qwen-VL)."""
     def judge(requests):
         replies = fn([t for t, _ in requests], [i for _, i in requests])
         if len(replies := list(replies) if isinstance(replies, (list, tuple)) else [replies]) != len(requests):
-            sys.exit(f"error: {where} returned {len(replies)} replies for {len(requests)} images, not one per image")
+            sys.exit(f"error: {flag} {spec} returned {len(replies)} replies for {len(requests)} images, not one each")
         return enumerate((str(r), None, True) for r in replies)
-    judge.where = where
+    judge.where = f"{flag} {spec}"
     return judge
 
 
@@ -556,26 +541,25 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
     cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
-    counts, held, asked, interrupted = {"judged": 0, "failed": 0}, [], 0, None
+    counts, asked, interrupted = {"judged": 0, "failed": 0}, 0, None
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
+        out.flush()
+        size = os.fstat(out.fileno()).st_size
         try:
             for start in range(0, len(todo), chunk):
                 for record in judge_images(todo[start:start + chunk], images, judge, retries + 1, suffix):
                     counts["failed" if record["scores"] is None else "judged"] += 1
-                    held.append(json.dumps(record | {"prompt_set": fingerprint, "expected": len(keys)},
-                                           ensure_ascii=False) + "\n")
+                    out.write(json.dumps(record | {"prompt_set": fingerprint, "expected": len(keys)},
+                                         ensure_ascii=False) + "\n")
+                    out.flush()  # on disk image by image: a kill -9 loses only the images in flight
                     if not counts["judged"] and (asked := asked + bool(record["attempts"])) >= stop_after:
+                        out.truncate(size)  # an unreadable image (0 attempts) says nothing about the judge
                         sys.exit(f"error: the first {asked} judgments all failed (last: {record['error']}); is the "
                                  f"judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
-                    if counts["judged"]:  # until one judgment of this run works, records are held back
-                        out.writelines(held)
-                        out.flush()  # on disk image by image: a kill -9 loses only the images in flight
-                        held = []
                     bar.update()
         except KeyboardInterrupt as stop:
             interrupted = stop
-        out.writelines(held)  # no judgment worked yet (fewer than stop_after failures), or Ctrl-C
     if interrupted:
         print(f"evaluate: interrupted; the {sum(counts.values())} judgments of this run that finished are in {results}"
               "; the same command goes on from there", file=sys.stderr)
@@ -648,12 +632,10 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         return f"| {label} | " + " | ".join(cells) + " |" if any(v is not None for v in values) else None
 
     accuracy = lambda table, key: lambda s: s[table][key]["accuracy"] if key in s[table] else None  # noqa: E731
-    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
-             "|" + "---|" * (2 * len(names)),
-             "| Images (failed judgments, not scored) | " + " | ".join(
-                 [f"{s['images']} ({s['failed']} failed)" for s in runs] + [""] * (len(names) - 1)) + " |",
-             "| Coverage (judged / expected images) | " + " | ".join(
-                 [f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)" for s in runs] + [""] * (len(names) - 1)) + " |",
+    counts = lambda label, cell: f"| {label} | " + " | ".join([cell(s) for s in runs] + [""] * (len(runs) - 1)) + " |"
+    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |", "|" + "---|" * 2 * len(names),
+             counts("Images (failed judgments, not scored)", lambda s: f"{s['images']} ({s['failed']} failed)"),
+             counts("Coverage (judged / expected images)", lambda s: f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)"),
              row("**Overall**", lambda s: s["overall"])]
     for primary in PRIMARIES:  # rows nobody has data for (a small prompt subset) are left out
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
@@ -720,75 +702,65 @@ def main(argv: list[str] | None = None) -> None:
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
     r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
     add_flags(g, [
-        ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a tiny random '
-         "FLUX, for a smoke test"),
+        ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a smoke test'),
         ("--out", "required", "folder for the images and generate.json"),
         ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
-        ("--resolution", None, "image side, a multiple of 16; default: 1024 (official), 32 with --model tiny",
-         {"type": int}, "[16,8192]"),
-        ("--steps", None, "sampling steps; default: 30 (official), 4 with --model tiny", {"type": int}, "[1,inf)"),
+        ("--resolution", None, "a multiple of 16; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
+        ("--steps", None, "sampling steps; default: 30 (official), 4 with tiny", {"type": int}, "[1,inf)"),
         ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"),
         ("--max-sequence-length", 512, "T5 tokens (official)", "[1,512]"),
         ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)", "[0,4294967295]"),
         ("--batch-size", 4, "images per sampler call", "[1,inf)"),
-        ("--dtype", "fp16", "weights on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
-         {"choices": ["fp16", "bf16"]})])
+        ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)", {"choices": ["fp16", "bf16"]})])
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
         ("--results", None, "results file; default: IMAGES/results.jsonl"),
         ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official)"),
         ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
-        ("--judge-retries", 10, "attempts after the first until an image's reply parses (official: 10, so 11 in all); "
-         "a local Qwen-VL decodes greedily and gets one", "[0,inf)"),
-        ("--judge-temperature", None, "add this temperature to each request (0: greedy); default: none, the server's "
-         "own sampling, as the official request gets", {"type": float}, "[0,inf)"),
+        ("--judge-retries", 10, "attempts after the first while a reply does not parse (official: 10, so 11); a local "
+         "Qwen-VL decodes greedily: one", "[0,inf)"),
+        ("--judge-temperature", None, "sent with each request (0: greedy); default: none, the server's own sampling, as "
+         "the official request gets", {"type": float}, "[0,inf)"),
         ("--judge-max-tokens", 4096, "reply length limit (official)", "[1,inf)"),
-        ("--judge-workers", 8, "requests in flight", "[1,inf)"),
-        ("--judge-timeout", 300.0, "seconds per request", "(0,inf)"),
+        ("--judge-workers", 8, "requests in flight", "[1,inf)"), ("--judge-timeout", 300.0, "seconds per request", "(0,inf)"),
         ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
-    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; one of --judge-url, --judge-fn, "
+    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; this, --judge-url, --judge-fn or "
                                                                 "--judge-local is required") for flag, text in [
         ("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
-        ("--judge-fn", "module:function, fn(texts, images) -> one reply per image in the official format, from the "
-         "working directory or an installed package"),
-        ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, run in this "
-         "process (needs pref_grpo.py)")]])
+        ("--judge-fn", "module:function of yours, from the working directory or installed: fn(texts, images) -> replies"),
+        ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, in this process")]])
     for sub in g, e:
-        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, "
-                         "_en_long, _zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
+        add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, _en_long, "
+                         "_zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
                         ("--n", 4, "images per prompt (official)", "[1,inf)")])
     r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
     add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
-                  ("--out", None, "output path without extension (.json and .md); default: report or compare "
-                   "beside the first results file")])
+                  ("--out", None, "path without extension (.json, .md); default: report or compare beside the first")])
 
     args = parser.parse_args(argv)
     if args.command == "generate" and args.resolution and args.resolution % 16:
         g.error(f"argument --resolution: must be a multiple of 16 (FLUX and SD3 latents), got {args.resolution}")
     try:
         if args.command == "generate":
-            generate(load_prompts(args.prompts), args.out, args.model, n=args.n, lora=args.lora, steps=args.steps,
-                     resolution=args.resolution, guidance=args.guidance, batch_size=args.batch_size, seed=args.seed,
-                     max_sequence_length=args.max_sequence_length, dtype=args.dtype)
+            generate(load_prompts(args.prompts), args.out, args.model, **{k: getattr(args, k) for k in (
+                "n", "lora", "steps", "resolution", "guidance", "batch_size", "seed", "max_sequence_length", "dtype")})
         elif args.command == "evaluate":
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
             check_writable(results, "--results")
-            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
-                                  workers=args.judge_workers, timeout=args.judge_timeout,
-                                  max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
-                     if args.judge_url else function_judge(f"--judge-fn {args.judge_fn}", load_function(
-                         args.judge_fn, "--judge-fn")) if args.judge_fn else function_judge(
-                         f"--judge-local {args.judge_local}", local_vlm(args.judge_local, args.judge_max_tokens)))
+            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, temperature=args.
+                                  judge_temperature, workers=args.judge_workers, timeout=args.judge_timeout,
+                                  max_tokens=args.judge_max_tokens) if args.judge_url else function_judge(
+                         *(["--judge-fn", args.judge_fn] if args.judge_fn else ["--judge-local", args.judge_local]),
+                         max_tokens=args.judge_max_tokens))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
                      retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
-        print("interrupted; every image written is kept" if args.command == "generate" else "", end="\n" * (
-            args.command == "generate"), file=sys.stderr, flush=True)
+        print("interrupted; every image written is kept" * (args.command == "generate"), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
 
