@@ -190,8 +190,8 @@ class PromptSet(list):  # the prompts of one file, and its name (generate record
 
 
 def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = False) -> BenchPrompt:
-    """Checkpoint names (English or Chinese; spaces and case aside) -> the 27 English sub-criteria; theme and sub-theme
-    labels (English, Chinese, older spellings) -> the taxonomy's; an unknown sub-theme label is kept (scores nothing)."""
+    """Checkpoint names (English or Chinese, spaces and case aside) -> the 27 sub-criteria; theme and sub-theme labels
+    (English, Chinese, older spellings) -> the taxonomy's; an unknown sub-theme label is kept (it scores nothing)."""
     fields = {KEYS_ZH.get(k, k): v for k, v in sub_dims.items()} if isinstance(sub_dims, dict) else {}
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
     if not (isinstance(text, str) and text.strip() and isinstance(names, list) and isinstance(descriptions, list)
@@ -207,49 +207,45 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
     for prefix in (theme, THEMES_ZH.get(theme, theme)):  # "Art-Graphic Art", "艺术-平面艺术": drop the theme
         label = label[len(prefix) + 1:] if label.lower().startswith(prefix.lower() + "-") else label
     subs = SUBTHEMES.get(theme, {})
-    subtheme = ({n.lower(): n for n in subs} | {z.lower(): n for n, z in subs.items()} | SUBTHEME_ALIASES).get(
-        label.lower(), raw)
-    return BenchPrompt(index, text, theme, subtheme, SUBJECTS_ZH.get(subject := str(fields.get("Subjects", "")).strip(),
-                       subject), tuple((criteria[key(n)], str(d)) for n, d in zip(names, descriptions)),
+    labels = {n.lower(): n for n in subs} | {z.lower(): n for n, z in subs.items()} | SUBTHEME_ALIASES
+    return BenchPrompt(index, text, theme, labels.get(label.lower(), raw), SUBJECTS_ZH.get(subject := str(fields.get(
+        "Subjects", "")).strip(), subject), tuple((criteria[key(n)], str(d)) for n, d in zip(names, descriptions)),
                        "zh" if zh or "考点" in sub_dims else "en")
 
 
 def read_rows(path: Path, text: str):
-    """(index, prompt, sub_dims, where, zh) per row of JSON records (one a line, or one list) or of an official CSV."""
-    if listed := text.lstrip().startswith("["):
+    """(index, prompt, sub_dims, where, zh) per JSON record (one a line, or a list of them) or official CSV row."""
+    if text.lstrip()[:1] in ("[", "{"):
         try:
-            text = json.loads(text)
+            rows = json.loads(text) if (listed := text.lstrip()[0] == "[") else text.splitlines()
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})") from None
-    if listed or text.lstrip().startswith("{"):
-        for no, row in enumerate(text if listed else text.splitlines(), 1):
+            sys.exit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})")
+        for no, row in enumerate(rows, 1):
             where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
             try:
                 if (row := row if listed else json.loads(row) if row.strip() else None) is not None:
-                    yield (int(row["index"]), row.get("prompt"), row.get("sub_dims", row),
-                           f"{where} (index {row['index']})", False)
+                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} (index {row['index']})", 0
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-                raise SystemExit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})") from None
+                sys.exit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})")
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in (columns := reader.fieldnames or [])), None)
-    dims_col = next((c for c in ("sub_dims_en", "sub_dims_zh", "sub_dims") if c in columns), None)
-    if "index" not in columns or not text_col or not dims_col:
-        raise SystemExit(f"error: {path}: expected JSON prompt records or an official CSV (columns index, prompt_en|"
-                         f"prompt_zh, sub_dims_en|sub_dims_zh); got columns {columns}")
+    if "index" not in columns or not text_col or not (dims := next((c for c in columns if c.startswith("sub_dims")), 0)):
+        sys.exit(f"error: {path}: expected JSON prompt records or an official CSV (columns index, prompt_en|prompt_zh, "
+                 f"sub_dims_en|sub_dims_zh); got columns {columns}")
     for row in reader:
-        if not (row["index"] or "").strip().isdigit() or row[dims_col] is None:
-            raise SystemExit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
+        if not (row["index"] or "").strip().isdigit() or row[dims] is None:
+            sys.exit(f"error: {path}:{reader.line_num}: malformed row (index {row['index']!r})")
         where = f"{path.name} index {row['index']}"
         try:
             try:
-                dims = json.loads(row[dims_col])
+                sub_dims = json.loads(row[dims])
             except json.JSONDecodeError:  # en_long index 509 lacks a comma between two strings (the official crashes)
-                dims = json.loads(re.sub(r'"\s+"', '", "', row[dims_col]))
-                warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON", stacklevel=2)
+                sub_dims = json.loads(re.sub(r'"\s+"', '", "', row[dims]))
+                warnings.warn(f"{where}: repaired a missing comma in the checkpoint JSON")
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})") from None
-        yield int(row["index"]), row[text_col], dims, where, text_col == "prompt_zh"
+            sys.exit(f"error: {where}: the checkpoint JSON is malformed ({e.msg} at char {e.pos})")
+        yield int(row["index"]), row[text_col], sub_dims, where, text_col == "prompt_zh"
 
 
 def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
@@ -261,10 +257,10 @@ def load_prompts(path: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
         with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the CSV reader sees quoted line breaks
             prompts = PromptSet(to_bench_prompt(*row) for row in read_rows(path, f.read()))
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: --prompts {path}: cannot read it as UTF-8 text ({type(e).__name__})") from None
-    prompts.name = path.name
+        sys.exit(f"error: --prompts {path}: cannot read it as UTF-8 text ({type(e).__name__})")
     if not prompts or len({p.index for p in prompts}) != len(prompts):
-        raise SystemExit(f"error: {path}: no prompts, or a repeated index (image files are named by index)")
+        sys.exit(f"error: {path}: no prompts, or a repeated index (image files are named by index)")
+    prompts.name = path.name
     return prompts
 
 
@@ -299,8 +295,8 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
 
 
 # ======== The judge: an OpenAI-compatible server (vLLM), a function of your own, or a Qwen-VL in this process
-# judge([(text, image)]) yields (position, (reply, error, retriable)) as answers come back. The HTTP client duplicates
-# pref_grpo.py's on purpose: evaluate and report need neither torch nor pref_grpo.py (standard library only).
+# judge([(text, image)]) yields (position, (reply, error, retriable)) as the answers come back. The HTTP client is a
+# copy of pref_grpo.py's on purpose: evaluate and report need neither torch nor pref_grpo.py (standard library only).
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
@@ -311,7 +307,7 @@ def scrub(text, key_env: str) -> str:  # what users see and results keep: one li
 
 def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
                  timeout: float = 300.0, max_tokens: int = 4096, temperature: float | None = None):
-    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) with no
+    """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) and no
     sampling field (the official `"do_sample": false` is one vLLM ignores: docs/unigenbench.md); checks the server."""
     key, url = os.environ.get(key_env), url.rstrip("/")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -361,8 +357,8 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
 
 
 def function_judge(flag: str, spec: str, max_tokens: int = 4096):
-    """--judge-fn module:function of yours, fn(texts, images) -> one reply per image (from the working directory or the
-    installed packages), or --judge-local: a Qwen-VL hub id or folder in this process, greedy, through pref_grpo.py."""
+    """--judge-fn module:function, yours, fn(texts, images) -> one reply per image (from the working directory or the
+    installed packages); or --judge-local, a Qwen-VL hub id or folder in this process, greedy, through pref_grpo.py."""
     if flag == "--judge-local":
         import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
         vlm = pref_grpo.load_local_vlm(spec, what=flag)
@@ -410,8 +406,7 @@ def check_writable(path: Path, flag: str, folder: bool = False) -> None:
 def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, n: int = 4, lora: str | None = None,
              steps: int | None = None, resolution: int | None = None, guidance: float = 3.5, batch_size: int = 4,
              seed: int = 3407, max_sequence_length: int = 512, dtype: str = "fp16") -> int:
-    """Write OUT/{index}_{j}.png for every prompt and j < n not there yet; image j has seed `seed + j` for every prompt
-    (as the official script). Steps and resolution default to the official 30 and 1024 (tiny: 4 and 32)."""
+    """OUT/{index}_{j}.png for each prompt and j < n not there yet, image j with seed `seed + j` (as the official)."""
     steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
     check_writable(out := Path(out), "--out", folder=True)
     if lora and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
@@ -432,19 +427,17 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
         return 0
     import torch  # late imports: torch and diffusers load slowly, and evaluate / report do not need them
     import pref_grpo
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = pref_grpo.load_pipeline(model, device, getattr(torch, generation_dtype(device, dtype)))
-    if lora:
-        pipe.load_lora_weights(settings["lora"])
+    pipe.load_lora_weights(settings["lora"]) if lora else None
     for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch"):
         chunk = todo[start:start + batch_size]
         images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], [seed + j for _, j in chunk],
                                            steps=steps, resolution=resolution, guidance=guidance, shift=None,
                                            max_sequence_length=max_sequence_length, batch_size=len(chunk))
         for (p, j), image in zip(chunk, images):  # via a .part file: a kill never leaves a truncated PNG behind
-            image.save(str(image_path(out, p.index, j)) + ".part", format="PNG")
-            os.replace(str(image_path(out, p.index, j)) + ".part", image_path(out, p.index, j))
+            image.save(part := f"{image_path(out, p.index, j)}.part", format="PNG")
+            os.replace(part, image_path(out, p.index, j))
     return len(todo)
 
 
@@ -478,34 +471,34 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
     if missing := [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
                    if not image_path(folder, p.index, j, suffix).exists()]:
         other = [s for s in ("png", "jpg", "jpeg", "webp") if (folder / missing[0]).with_suffix("." + s).exists()]
-        hint = (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else
-                "run generate with the same --prompts and --n first")
         sys.exit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
-                 f"{', '.join(missing[:5])}); {hint}")
+                 f"{', '.join(missing[:5])}); " + (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix "
+                                                   f"{other[0]}" if other else "run generate with the same --prompts and --n first"))
 
 
 def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
-    """Yields each image's record once it is done: its reply parsed, or its last attempt failed (official: 11), or the
-    judge rejected it (4xx: not asked again), or the image is unreadable. A transport failure waits (backoff)."""
+    """Yields each image's record once it is done: its reply parsed, its last attempt failed (official: 11), the judge
+    rejected it (4xx: not asked again), or the image is unreadable. A transport failure waits (backoff)."""
     from PIL import Image
 
     def record(k, tries, reply=None, scores=None, analysis=None, error=None):
-        p, j = todo[k]
-        return dict(index=p.index, image=j, file=paths[k].name, prompt=p.prompt, lang=p.lang, theme=p.theme,
-                    subtheme=p.subtheme, checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error,
-                    attempts=tries, analysis=analysis, reply=reply)
-
-    paths, images = [image_path(folder, p.index, j, suffix) for p, j in todo], {}
-    for k, path in enumerate(paths):
+        (p, j), file = todo[k], image_path(folder, todo[k][0].index, todo[k][1], suffix).name
+        return dict(index=p.index, image=j, file=file, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
+                    checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
+                    analysis=analysis, reply=reply)
+    images = {}
+    for k, (p, j) in enumerate(todo):
         try:
-            with Image.open(path) as im:
+            with Image.open(image_path(folder, p.index, j, suffix)) as im:
                 images[k] = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-            yield record(k, 0, error=" ".join(f"unreadable image {path.name}: {e}".split())[:300])
-    pending, texts = list(images), {k: judge_prompt(todo[k][0]) for k in images}
+            yield record(k, 0, error=" ".join(f"unreadable image {p.index}_{j}.{suffix}: {e}".split())[:300])
+    pending = list(images)
     for attempt in range(1, attempts + 1):
+        if not pending:
+            break
         retry, transport_failed = [], False
-        for position, (reply, error, retriable) in judge([(texts[k], images[k]) for k in pending]):
+        for position, (reply, error, retriable) in judge([(judge_prompt(todo[k][0]), images[k]) for k in pending]):
             k = pending[position]
             scores, analysis, error = (None, None, error) if error else parse_reply(reply, len(todo[k][0].checkpoints))
             if scores is None and retriable and attempt < attempts:
@@ -515,26 +508,23 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attem
                 yield record(k, attempt, reply, scores, analysis, error)
         if retry and transport_failed:  # give the server time
             time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
-        if not (pending := retry):
-            break
+        pending = retry
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
              chunk: int = 32, retries: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge the images RESULTS lacks, one JSON line each, with `retries` more attempts after the first (official: 10).
-    If the first `stop_after` judgments all fail, the judge is broken: stop rather than record hours of failures. On
-    Ctrl-C every judgment that finished is kept, and KeyboardInterrupt raised once that is said."""
+    """Judge the images RESULTS lacks, one JSON line each, `retries` more attempts after the first (official: 10). If the
+    first `stop_after` judgments all fail, the judge is broken: stop. Ctrl-C keeps every judgment that finished."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
     done, by_index, fingerprint = read_results(results), {p.index: p.prompt for p in prompts}, prompts_fingerprint(prompts)
     if clash := [i for (i, _), r in done.items() if r.get("prompt_set", fingerprint) != fingerprint
                  or (i in by_index and r.get("prompt") != by_index[i])]:
-        sys.exit(f"error: --results {results} holds judgments of another prompt set (index {clash[0]}); use another "
-                 "--results")
-    keys = [(p, j) for p in prompts for j in range(n)]
-    failed = {(p.index, j) for p, j in keys if (p.index, j) in done and done[(p.index, j)].get("scores") is None}
-    todo = [(p, j) for p, j in keys if (p.index, j) not in done or (retry_failed and (p.index, j) in failed)]
+        sys.exit(f"error: --results {results} holds judgments of another prompt set (index {clash[0]}); use another one")
+    keys = [(p.index, j) for p in prompts for j in range(n)]
+    failed = {key for key in keys if key in done and done[key].get("scores") is None}
+    todo = [(p, j) for p in prompts for j in range(n) if (p.index, j) not in done or retry_failed and (p.index, j) in failed]
     print(f"evaluate: {len(keys) - len(todo)} images already judged, {len(todo)} to go -> {results}")
     if failed:
         print(f"evaluate: {len(failed)} images failed in an earlier run; "
@@ -610,17 +600,6 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
-def coverage_warnings(summaries: dict[str, dict]) -> list[str]:
-    """Deltas mean something only between complete runs that judged the same images of the same prompt set."""
-    notes = [f"warning: {name} is incomplete: {s['judged']} of {s['expected']} images judged ({s['failed']} failed, "
-             f"{s['expected'] - s['images']} not judged yet)" for name, s in summaries.items() if s["coverage"] < 100]
-    if len({tuple(s["prompt_sets"]) for s in summaries.values()}) > 1:
-        notes.append("warning: the runs were judged on different prompt sets")
-    (base, first), *others = [(name, {tuple(k) for k in s["judged_images"]}) for name, s in summaries.items()]
-    return notes + [f"warning: {name} and {base} cover different images ({len(keys ^ first)} judged in only one); "
-                    "their deltas compare different samples" for name, keys in others if keys != first]
-
-
 def markdown_table(summaries: dict[str, dict]) -> str:
     """One accuracy column per run and, with two or more runs, a delta column per run against the first (the base)."""
     names, runs = list(summaries), list(summaries.values())
@@ -657,7 +636,15 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
     check_writable(Path(out + ".md"), "--out")
     summaries = {name: summarize(load_result_records(p)) for name, p in zip(names, paths)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    table, notes = markdown_table(summaries), "".join(f"\n{note}" for note in coverage_warnings(summaries))
+    # Deltas mean something only between complete runs that judged the same images of the same prompt set.
+    notes = [f"warning: {name} is incomplete: {s['judged']} of {s['expected']} images judged ({s['failed']} failed, "
+             f"{s['expected'] - s['images']} not judged yet)" for name, s in summaries.items() if s["coverage"] < 100]
+    notes += ["warning: the runs were judged on different prompt sets"] * (len({tuple(s["prompt_sets"]) for s in
+                                                                                summaries.values()}) > 1)
+    (base, first), *others = [(name, {tuple(k) for k in s["judged_images"]}) for name, s in summaries.items()]
+    notes += [f"warning: {name} and {base} cover different images ({len(keys ^ first)} judged in only one); their "
+              "deltas compare different samples" for name, keys in others if keys != first]
+    table, notes = markdown_table(summaries), "".join(f"\n{note}" for note in notes)
     Path(out + ".json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
     Path(out + ".md").write_text("# UniGenBench\n\n" + table + notes + "\n", encoding="utf-8")
     print(f"{table}{notes}\nwrote {out}.json and {out}.md")
@@ -671,27 +658,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_flags(parser, flags) -> None:
-    """(flag, default, help[, argparse keywords][, range "[lo,hi)", each end closed [ ] or open ( )]); each help ends
-    with its range and default, or says the flag is required."""
+    """(flag, default, help[, argparse keywords][, range "[lo,hi)": each end closed [] or open ()]); each help ends with
+    its range and default, or says the flag is required."""
     def in_range(interval: str, kind):
-        lo, hi = (float(x) for x in interval[1:-1].split(","))
-
         def parse(text: str):
-            if not lo <= (v := kind(text)) <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
+            lo, hi, v = *(float(x) for x in interval[1:-1].split(",")), kind(text)
+            if not lo <= v <= hi or (v, interval[0]) == (lo, "(") or (v, interval[-1]) == (hi, ")"):
                 raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
             return v
         parse.__name__ = kind.__name__  # a ValueError reads "invalid int value: 'two'"
         return parse
-
     for flag, default, text, *more in flags:
         kw = {"required": True} if default == "required" else {"action": "store_true"} if default is False else {
             "default": default, **({"type": type(default)} if default is not None else {})}
         for extra in more:  # a range makes the type check it
             kw |= extra if isinstance(extra, dict) else {"type": in_range(extra, kw.get("type", int))}
             text += "" if isinstance(extra, dict) else f"; in {extra}"
-        suffix = "; required" if default == "required" else "" if re.search("default:|required", text) else (
-            "; default: %(default)s")
-        parser.add_argument(flag, help=text + suffix, **kw)
+        suffix = "" if re.search("default:|required", text) else "; default: %(default)s"
+        parser.add_argument(flag, help=text + ("; required" if default == "required" else suffix), **kw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -717,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         ("--results", None, "results file; default: IMAGES/results.jsonl"),
         ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official)"),
         ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
-        ("--judge-retries", 10, "attempts after the first while a reply does not parse (official: 10, so 11); a local "
+        ("--judge-retries", 10, "attempts after the first while replies do not parse (official: 10, so 11); a local "
          "Qwen-VL decodes greedily: one", "[0,inf)"),
         ("--judge-temperature", None, "sent with each request (0: greedy); default: none, the server's own sampling, as "
          "the official request gets", {"type": float}, "[0,inf)"),
@@ -738,7 +722,6 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("results", nargs="+", help="results.jsonl files; the first is the base of the deltas")
     add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
                   ("--out", None, "path without extension (.json, .md); default: report or compare beside the first")])
-
     args = parser.parse_args(argv)
     if args.command == "generate" and args.resolution and args.resolution % 16:
         g.error(f"argument --resolution: must be a multiple of 16 (FLUX and SD3 latents), got {args.resolution}")
@@ -750,17 +733,16 @@ def main(argv: list[str] | None = None) -> None:
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
             check_writable(results, "--results")
-            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, temperature=args.
-                                  judge_temperature, workers=args.judge_workers, timeout=args.judge_timeout,
-                                  max_tokens=args.judge_max_tokens) if args.judge_url else function_judge(
-                         *(["--judge-fn", args.judge_fn] if args.judge_fn else ["--judge-local", args.judge_local]),
-                         max_tokens=args.judge_max_tokens))
+            judge = server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, timeout=args.
+                                 judge_timeout, workers=args.judge_workers, max_tokens=args.judge_max_tokens,
+                                 temperature=args.judge_temperature) if args.judge_url else function_judge(*(
+                ["--judge-fn", args.judge_fn] if args.judge_fn else ["--judge-local", args.judge_local]), args.judge_max_tokens)
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
                      retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
-        print("interrupted; every image written is kept" * (args.command == "generate"), file=sys.stderr, flush=True)
+        print("\ninterrupted; every image written is kept" * (args.command == "generate"), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # not sys.exit, which would wait for judge requests in flight whose replies nobody reads
 
