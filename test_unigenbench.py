@@ -640,7 +640,7 @@ def test_judge_fn_plugs_in_a_judge_of_your_own(tmp_path):
 
 
 BAD_FLAGS = {"generate": [("--n", -1), ("--steps", 0), ("--steps", -3), ("--batch-size", 0), ("--resolution", 100000),
-                          ("--resolution", 1000), ("--seed", -1), ("--guidance", "nan"), ("--max-sequence-length", 0)],
+                          ("--resolution", 8), ("--seed", -1), ("--guidance", "nan"), ("--max-sequence-length", 0)],
              "evaluate": [("--chunk", -1), ("--chunk", 0), ("--n", -2), ("--judge-retries", -1), ("--judge-timeout", 0),
                           ("--judge-workers", 0), ("--judge-max-tokens", 0), ("--judge-temperature", -1)]}
 

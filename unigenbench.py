@@ -1,8 +1,7 @@
 """UniGenBench: does a text-to-image model draw what the prompt asks for? (Pref-GRPO, arXiv 2508.20751)
 
-Each prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity); a multimodal judge scores each 0 or 1 per
-image, with the official UniGenBench judge prompt and parsing. Accuracy is pooled per sub-criterion (27), primary
-dimension (10) and theme (5); overall = the mean of the 10 primaries. Each step resumes where a crash stopped it:
+Each prompt carries 1-10 checkpoints ("two pandas" -> Attribute - Quantity) that a multimodal judge scores 0 or 1 per
+image (the official judge prompt and parsing); overall = the mean of the 10 primary dimensions. Each step resumes:
 
   python unigenbench.py generate --model black-forest-labs/FLUX.1-dev --prompts test_prompts_en.csv --out runs/ugb/base
   vllm serve CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1 --served-model-name QwenVL --port 8000   # the judge
@@ -10,9 +9,8 @@ dimension (10) and theme (5); overall = the mean of the 10 primaries. Each step 
   python unigenbench.py report runs/ugb/base/results.jsonl [runs/ugb/trained/results.jsonl ...]
 
   python unigenbench.py generate --model tiny --out runs/ugb/tiny        # a smoke test: tiny random FLUX, a minute
-  python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1  # or:
-  python unigenbench.py evaluate --images DIR --judge-fn my_judges:judge    # fn(texts, images) -> replies, your own
-
+  python unigenbench.py evaluate --images DIR --judge-local CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1  # or
+  python unigenbench.py evaluate --images DIR --judge-fn my_judges:judge    # your fn(texts, images) -> replies
 Needs pref_grpo.py beside it for generate and --judge-local, and prompts.jsonl (the default --prompts) for our prompts.
 """
 from __future__ import annotations
@@ -118,22 +116,14 @@ EXPLANATIONS_EN = {
     "Text Generation": "The text content model needed to accurately generate without any omissions or extra words",
     "Logical Reasoning": "Requires the model to deeply understand the intent and perform reasoning"}
 EXPLANATIONS_ZH = {
-    "关系-比较关系": "两者的属性对比", "关系-构成关系": "一个实体由另一种或几种实体构成",
-    "关系-包含关系": "容器对实体的包含关系，容器也可以是平面的，比如：墙上的画里有一只蛇",
-    "关系-相似关系": "不同实体中存在的相似关系", "复合考点-想象力": "现实生活中不可能发生的事情",
-    "复合考点-不同实体特征匹配": "不同实体拥有不同类的属性特征", "实体布局-三维空间": "对于三维空间实体的摆放布局",
-    "实体布局-二维空间": "对于二维空间实体的摆放布局", "属性-大小": "对主体 大小/高低/长短/粗细/宽窄/高矮",
-    "属性-表情": "区分表情和脸部动作，脸部动作组成表情，但表情是一定要体现出某种情绪的。",
-    "属性-数量": "重点考察三个或三个以上的数字难点", "属性-材质": "考察不同材质", "属性-颜色": "考察不同颜色",
-    "属性-形状": "考察不同形状",
-    "动作-人物/拟人全身动作": "人物或拟人全身性的动作，比如奔跑、跳水、跳街舞、荡秋千、倒挂金钩等",
-    "动作-人物/拟人手部动作": "针对手部结构的考点，考核手指是否有缺失、崩坏等问题", "动作-动物动作": "动物的动作",
-    "动作-实体间有接触互动": "各种实体间的有接触互动",
-    "动作-实体间无接触互动": "比如两个人对视，考核模型能否把对视关系画对",
-    "动作-状态": "实体持续的状态，一般是一个动词。", "语法-否定": "考察模型对于否定语法的掌握程度",
-    "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
-    "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人",
-    "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
+    "关系-比较关系": "两者的属性对比", "关系-构成关系": "一个实体由另一种或几种实体构成", "关系-包含关系": "容器对实体的包含关系，容器也可以是平面的，比如：墙上的画里有一只蛇",
+    "关系-相似关系": "不同实体中存在的相似关系", "复合考点-想象力": "现实生活中不可能发生的事情", "复合考点-不同实体特征匹配": "不同实体拥有不同类的属性特征", "实体布局-三维空间": "对于三维空间实体的摆放布局",
+    "实体布局-二维空间": "对于二维空间实体的摆放布局", "属性-大小": "对主体 大小/高低/长短/粗细/宽窄/高矮", "属性-表情": "区分表情和脸部动作，脸部动作组成表情，但表情是一定要体现出某种情绪的。",
+    "属性-数量": "重点考察三个或三个以上的数字难点", "属性-材质": "考察不同材质", "属性-颜色": "考察不同颜色", "属性-形状": "考察不同形状",
+    "动作-人物/拟人全身动作": "人物或拟人全身性的动作，比如奔跑、跳水、跳街舞、荡秋千、倒挂金钩等", "动作-人物/拟人手部动作": "针对手部结构的考点，考核手指是否有缺失、崩坏等问题", "动作-动物动作": "动物的动作",
+    "动作-实体间有接触互动": "各种实体间的有接触互动", "动作-实体间无接触互动": "比如两个人对视，考核模型能否把对视关系画对", "动作-状态": "实体持续的状态，一般是一个动词。",
+    "语法-否定": "考察模型对于否定语法的掌握程度", "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
+    "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人", "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
     "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字"}
 # The headers of the checkpoint definitions and descriptions blocks ("Defination" sic).
 HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}
@@ -146,20 +136,18 @@ ZH_NAMES = {  # the 27 sub-criteria in leaderboard order, with their Chinese nam
     "Attribute - Material": "属性-材质", "Attribute - Quantity": "属性-数量", "Attribute - Shape": "属性-形状",
     "Attribute - Size": "属性-大小", "Action - Animal": "动作-动物动作", "Action - Contact Interaction": "动作-实体间有接触互动",
     "Action - Full-body (Character/Anthropomorphic)": "动作-人物/拟人全身动作",
-    "Action - Hand (Character/Anthropomorphic)": "动作-人物/拟人手部动作",
-    "Action - Non-contact Interaction": "动作-实体间无接触互动", "Action - State": "动作-状态",
-    "Relationship - Comparison": "关系-比较关系", "Relationship - Composition": "关系-构成关系",
+    "Action - Hand (Character/Anthropomorphic)": "动作-人物/拟人手部动作", "Action - Non-contact Interaction": "动作-实体间无接触互动",
+    "Action - State": "动作-状态", "Relationship - Comparison": "关系-比较关系", "Relationship - Composition": "关系-构成关系",
     "Relationship - Inclusion": "关系-包含关系", "Relationship - Similarity": "关系-相似关系",
-    "Compound - Feature Matching": "复合考点-不同实体特征匹配", "Compound - Imagination": "复合考点-想象力",
-    "Grammar - Consistency": "语法-统一性", "Grammar - Negation": "语法-否定", "Grammar - Pronoun Reference": "语法-代词指代",
+    "Compound - Feature Matching": "复合考点-不同实体特征匹配", "Compound - Imagination": "复合考点-想象力", "Grammar - Consistency": "语法-统一性",
+    "Grammar - Negation": "语法-否定", "Grammar - Pronoun Reference": "语法-代词指代",
     "Entity Layout - Three-Dimensional Space": "实体布局-三维空间", "Entity Layout - Two-Dimensional Space": "实体布局-二维空间",
     "Logical Reasoning": "逻辑推理", "Text Generation": "文本生成"}
 SHORT = {"Entity Layout": "Layout", "Text Generation": "Text"}  # the leaderboard's column names
 SUB_CRITERIA = {name: Criterion(SHORT.get(p := name.split(" - ")[0], p), zh) for name, zh in ZH_NAMES.items()}
 PRIMARIES = list(dict.fromkeys(c.primary for c in SUB_CRITERIA.values()))  # the 10, in leaderboard order
 
-THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计",
-             "Film & Story": "影视故事"}
+THEMES_ZH = {"Art": "艺术", "Illustration": "配图", "Creative Divergence": "创意发散", "Design": "设计", "Film & Story": "影视故事"}
 SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
     "Art": {"Graphic Art": "平面艺术", "Photography Art": "摄影艺术", "Sculptural (Three-dimensional) Art": "立体艺术",
             "Other": "其他"},
@@ -173,15 +161,14 @@ SUBTHEMES = {  # theme -> {canonical sub-theme: its label in the zh files}
 SUBTHEME_ALIASES = {"sculptural art": "Sculptural (Three-dimensional) Art", "space design": "Spatial Design",
                     "three-dimensional art": "Sculptural (Three-dimensional) Art", "mapping-content mapping":
                     "Content Illustration", "creativity divergence-imagination divergence": "Imaginative Thinking"}
-SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene",
-               "拟人": "Anthropomorphic"}
+SUBJECTS_ZH = {"人物": "Character", "动物": "Animal", "其他实体": "Other Entity", "场景": "Scene", "拟人": "Anthropomorphic"}
 KEYS_ZH = {"一级垂类": "Primary Categories", "二级垂类": "Secondary Categories", "主体": "Subjects",  # zh JSON keys
            "句式": "Sentence Structure", "考点": "Testpoints", "考点对应描述": "Testpoint Description"}
 
 
 # ======== Prompts: the official CSVs (en/zh, short/long) and our JSON records, read into one normalised form
-# checkpoints: (English sub-criterion, the part of the prompt it tests) pairs; lang "zh" for the Chinese sets (a
-# prompt_zh column, 考点 keys): they get the zh judge template, explanations and names.
+# checkpoints: (English sub-criterion, the part of the prompt it tests); lang "zh" (a prompt_zh column, 考点 keys) gets
+# the zh judge template, explanations and names.
 BenchPrompt = namedtuple("BenchPrompt", "index prompt theme subtheme subject checkpoints lang", defaults=["en"])
 
 
@@ -224,7 +211,7 @@ def read_rows(path: Path, text: str):
             where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
             try:
                 if (row := row if listed else json.loads(row) if row.strip() else None) is not None:
-                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} (index {row['index']})", 0
+                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} ({row['index']})", 0
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                 sys.exit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})")
         return
@@ -357,8 +344,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
 
 
 def function_judge(flag: str, spec: str, max_tokens: int = 4096):
-    """--judge-fn module:function, yours, fn(texts, images) -> one reply per image (from the working directory or the
-    installed packages); or --judge-local, a Qwen-VL hub id or folder in this process, greedy, through pref_grpo.py."""
+    """--judge-fn module:function (yours: fn(texts, images) -> one reply per image), or --judge-local (a Qwen-VL)."""
     if flag == "--judge-local":
         import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
         vlm = pref_grpo.load_local_vlm(spec, what=flag)
@@ -471,14 +457,13 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
     if missing := [image_path(folder, p.index, j, suffix).name for p in prompts for j in range(n)
                    if not image_path(folder, p.index, j, suffix).exists()]:
         other = [s for s in ("png", "jpg", "jpeg", "webp") if (folder / missing[0]).with_suffix("." + s).exists()]
+        hint = f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix {other[0]}" if other else "run generate first"
         sys.exit(f"error: {len(missing)} of {len(prompts) * n} images missing in {folder} (first: "
-                 f"{', '.join(missing[:5])}); " + (f"found {Path(missing[0]).stem}.{other[0]}: pass --image-suffix "
-                                                   f"{other[0]}" if other else "run generate with the same --prompts and --n first"))
+                 f"{', '.join(missing[:5])}); {hint}")
 
 
 def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
-    """Yields each image's record once it is done: its reply parsed, its last attempt failed (official: 11), the judge
-    rejected it (4xx: not asked again), or the image is unreadable. A transport failure waits (backoff)."""
+    """Each image's record once its reply parsed, its last attempt failed, the judge rejected it (4xx), or unreadable."""
     from PIL import Image
 
     def record(k, tries, reply=None, scores=None, analysis=None, error=None):
@@ -530,12 +515,11 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
         print(f"evaluate: {len(failed)} images failed in an earlier run; "
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
-    cut = results.exists() and results.stat().st_size and not results.read_bytes().endswith(b"\n")  # a killed write
+    size = results.stat().st_size if results.exists() else 0
+    cut = size and not results.read_bytes().endswith(b"\n")  # a killed write
     counts, asked, interrupted = {"judged": 0, "failed": 0}, 0, None
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
-        out.flush()
-        size = os.fstat(out.fileno()).st_size
         try:
             for start in range(0, len(todo), chunk):
                 for record in judge_images(todo[start:start + chunk], images, judge, retries + 1, suffix):
@@ -544,7 +528,7 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
                                          ensure_ascii=False) + "\n")
                     out.flush()  # on disk image by image: a kill -9 loses only the images in flight
                     if not counts["judged"] and (asked := asked + bool(record["attempts"])) >= stop_after:
-                        out.truncate(size)  # an unreadable image (0 attempts) says nothing about the judge
+                        out.truncate(size + bool(cut))  # an unreadable image (0 attempts) says nothing of the judge
                         sys.exit(f"error: the first {asked} judgments all failed (last: {record['error']}); is the "
                                  f"judge at {getattr(judge, 'where', '?')} working? Stopped, nothing recorded")
                     bar.update()
@@ -612,9 +596,11 @@ def markdown_table(summaries: dict[str, dict]) -> str:
 
     accuracy = lambda table, key: lambda s: s[table][key]["accuracy"] if key in s[table] else None  # noqa: E731
     counts = lambda label, cell: f"| {label} | " + " | ".join([cell(s) for s in runs] + [""] * (len(runs) - 1)) + " |"
-    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |", "|" + "---|" * 2 * len(names),
+    lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
+             "|" + "---|" * 2 * len(names),
              counts("Images (failed judgments, not scored)", lambda s: f"{s['images']} ({s['failed']} failed)"),
-             counts("Coverage (judged / expected images)", lambda s: f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)"),
+             counts("Coverage (judged / expected images)",
+                    lambda s: f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)"),
              row("**Overall**", lambda s: s["overall"])]
     for primary in PRIMARIES:  # rows nobody has data for (a small prompt subset) are left out
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
@@ -658,8 +644,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_flags(parser, flags) -> None:
-    """(flag, default, help[, argparse keywords][, range "[lo,hi)": each end closed [] or open ()]); each help ends with
-    its range and default, or says the flag is required."""
+    """(flag, default, help[, argparse keywords][, range "[lo,hi)", ends closed [] or open ()]): help, default, check."""
     def in_range(interval: str, kind):
         def parse(text: str):
             lo, hi, v = *(float(x) for x in interval[1:-1].split(",")), kind(text)
@@ -689,13 +674,13 @@ def main(argv: list[str] | None = None) -> None:
         ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a smoke test'),
         ("--out", "required", "folder for the images and generate.json"),
         ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
-        ("--resolution", None, "a multiple of 16; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
+        ("--resolution", None, "image side; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with tiny", {"type": int}, "[1,inf)"),
-        ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"),
-        ("--max-sequence-length", 512, "T5 tokens (official)", "[1,512]"),
+        ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"), ("--max-sequence-length", 512, "T5 tokens", "[1,512]"),
         ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)", "[0,4294967295]"),
         ("--batch-size", 4, "images per sampler call", "[1,inf)"),
-        ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)", {"choices": ["fp16", "bf16"]})])
+        ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
+         {"choices": ("fp16", "bf16")})])
     add_flags(e, [
         ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
         ("--results", None, "results file; default: IMAGES/results.jsonl"),
@@ -706,7 +691,8 @@ def main(argv: list[str] | None = None) -> None:
         ("--judge-temperature", None, "sent with each request (0: greedy); default: none, the server's own sampling, as "
          "the official request gets", {"type": float}, "[0,inf)"),
         ("--judge-max-tokens", 4096, "reply length limit (official)", "[1,inf)"),
-        ("--judge-workers", 8, "requests in flight", "[1,inf)"), ("--judge-timeout", 300.0, "seconds per request", "(0,inf)"),
+        ("--judge-workers", 8, "requests in flight", "[1,inf)"),
+        ("--judge-timeout", 300.0, "seconds per request", "(0,inf)"),
         ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
@@ -723,8 +709,6 @@ def main(argv: list[str] | None = None) -> None:
     add_flags(r, [("--names", None, "column names; default: the folder name of each results file", {"nargs": "+"}),
                   ("--out", None, "path without extension (.json, .md); default: report or compare beside the first")])
     args = parser.parse_args(argv)
-    if args.command == "generate" and args.resolution and args.resolution % 16:
-        g.error(f"argument --resolution: must be a multiple of 16 (FLUX and SD3 latents), got {args.resolution}")
     try:
         if args.command == "generate":
             generate(load_prompts(args.prompts), args.out, args.model, **{k: getattr(args, k) for k in (
@@ -733,10 +717,11 @@ def main(argv: list[str] | None = None) -> None:
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
             check_writable(results, "--results")
-            judge = server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, timeout=args.
-                                 judge_timeout, workers=args.judge_workers, max_tokens=args.judge_max_tokens,
-                                 temperature=args.judge_temperature) if args.judge_url else function_judge(*(
-                ["--judge-fn", args.judge_fn] if args.judge_fn else ["--judge-local", args.judge_local]), args.judge_max_tokens)
+            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
+                                  timeout=args.judge_timeout, workers=args.judge_workers,
+                                  max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
+                     if args.judge_url else function_judge("--judge-fn", args.judge_fn) if args.judge_fn else
+                     function_judge("--judge-local", args.judge_local, args.judge_max_tokens))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
                      retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
         else:
