@@ -28,7 +28,6 @@ import os
 import re
 import sys
 import time
-import urllib.error
 import urllib.request
 import warnings
 from collections import defaultdict, namedtuple
@@ -41,53 +40,43 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
 
 # ======== The official judge input, verbatim (byte for byte, leading spaces included) from CodeGoat24/UniGenBench
-# eval/src/eval_common.py at commit 49d0bce: SYSTEM_PROMPT_EN_TEMPLATE / SYSTEM_PROMPT_ZH_TEMPLATE and
-# EXPLANATION_DICT_EN / EXPLANATION_DICT_ZH. UniGenBench, Copyright (C) 2025 Tencent, licensed under CC BY 4.0
-# (https://creativecommons.org/licenses/by/4.0/). The UniGenBench eval models were trained on this input.
-TEMPLATE_EN = """You are a precise and objective English-language image description system. I will provide you with a prompt for image generation, as well as the corresponding generated image. You will be given a set of evaluation criteria (checkpoints) and their explanations that define the relevance between the prompt and the image. You must evaluate whether the generated image fulfills the requirements implied by each checkpoint in the prompt.
-
-            For each image, follow the steps below in order:
-
-            1. The prompt for the generated image is: 「{prompt}」. You are to analyze the image content in detail from the angles specified in {testpoint}. Detailed definitions of these checkpoints are provided here: {explanation}. The specific description of each checkpoint in the context of the prompt is: {test_explanation}. You must analyze whether the image meets the requirements for each checkpoint individually.
-
-            2. Based on the above analysis, determine whether the generated image satisfies each checkpoint in terms of its visual alignment with the prompt. If the image meets the requirements of a checkpoint, assign a score of 1 to that checkpoint; otherwise, assign a score of 0.
-
-            Constraints:
-            - Only describe content that is directly visible; do not interpret, speculate, or infer any background story.
-            - Focus solely on visually verifiable details.
-            - Omit any uncertain or ambiguous elements.
-            - Even if mentioned in the input, do not describe abstract entities, emotions, or speculative ideas.
-
-            Please strictly follow the output format below:
-
-            <description>
-                <prompt>{prompt}</prompt>
-                <checkpoint>{testpoint}</checkpoint>
-                <analysis>A list using square brackets `[]`, where each element is a string of detailed analysis corresponding to one checkpoint, as required in Step 1. **Ensure the list length matches the number of checkpoints**. Each element should be a string representing the analysis for that specific checkpoint.</analysis>
-                <score>A list using square brackets `[]`, where each element is a binary score (0 or 1) corresponding to a checkpoint, as required in Step 2. **Ensure the list length matches the number of checkpoints**. Each element should be either 0 or 1, indicating whether the checkpoint was satisfied.</score>
-            </description>
-            """
-TEMPLATE_ZH = """你是一个精确且客观的中文图像描述系统。我会给你一段生成图像的提示词，以及对应的生成图像，同时对于生成图像与提示词之间相关性的考点及对应说明，你需要逐个考点来判断生成的图像是否遵从了提示词中所包含的对应考点要求。
-
-        针对每张图像，你需要按照顺序完成如下的任务：
-        1. 这张生成图像对应的提示词为「{prompt}」，你需要根据{testpoint}中的这些角度逐个对图像内容进行更进一步的详细分析，考点的详细说明如下：{explanation}，各个考点在这条prompt中对应的描述说明如下：{test_explanation}, 你需要根据考点逐一判断生成图像是否满足了考点对应的要求
-        2. 综合上述回答，你需要逐个考点判断生成的图像在考点关注维度上是否符合输入的prompt，如果满足要求则该考点得分为1，否则为0
-
-        约束条件：
-        - 仅描述直接可见的内容；不要进行解读、推测或暗示背景故事。
-        - 专注于能够确定性陈述的视觉细节。
-        - 省略不确定或不清晰的细节。
-        - 即使输入中存在，也不要描述抽象实体、情感或推测。
-
-        请严格遵循以下输出格式：
-
-        <description>
-            <prompt>{prompt}</prompt>
-            <checkpoint>{testpoint}</checkpoint>
-            <analysis>按照步骤1对于给定考点进行逐项详细分析，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为一个字符串，表示对于对应考点的分析</analysis>
-            <score>按照步骤2逐个对考点进行打分，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为0或者1，表示对应考点是否完成</score>
-        </description>
-        """
+# eval/src/eval_common.py at commit 49d0bce: SYSTEM_PROMPT_EN_TEMPLATE / SYSTEM_PROMPT_ZH_TEMPLATE, EXPLANATION_DICT_EN /
+# EXPLANATION_DICT_ZH and the blocks' headers ("Defination" sic). UniGenBench, Copyright (C) 2025 Tencent, licensed
+# under CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). The UniGenBench eval models were trained on this input.
+TEMPLATE_EN = ("You are a precise and objective English-language image description system. I will provide you with a prompt for image generation, as well as the corresponding generated image. You will be given a set of evaluation criteria (checkpoints) and their explanations that define the relevance between the prompt and the image. You must evaluate whether the generated image fulfills the requirements implied by each checkpoint in the prompt.\n\n"
+              "            For each image, follow the steps below in order:\n\n"
+              "            1. The prompt for the generated image is: 「{prompt}」. You are to analyze the image content in detail from the angles specified in {testpoint}. Detailed definitions of these checkpoints are provided here: {explanation}. The specific description of each checkpoint in the context of the prompt is: {test_explanation}. You must analyze whether the image meets the requirements for each checkpoint individually.\n\n"
+              "            2. Based on the above analysis, determine whether the generated image satisfies each checkpoint in terms of its visual alignment with the prompt. If the image meets the requirements of a checkpoint, assign a score of 1 to that checkpoint; otherwise, assign a score of 0.\n\n"
+              "            Constraints:\n"
+              "            - Only describe content that is directly visible; do not interpret, speculate, or infer any background story.\n"
+              "            - Focus solely on visually verifiable details.\n"
+              "            - Omit any uncertain or ambiguous elements.\n"
+              "            - Even if mentioned in the input, do not describe abstract entities, emotions, or speculative ideas.\n\n"
+              "            Please strictly follow the output format below:\n\n"
+              "            <description>\n"
+              "                <prompt>{prompt}</prompt>\n"
+              "                <checkpoint>{testpoint}</checkpoint>\n"
+              "                <analysis>A list using square brackets `[]`, where each element is a string of detailed analysis corresponding to one checkpoint, as required in Step 1. **Ensure the list length matches the number of checkpoints**. Each element should be a string representing the analysis for that specific checkpoint.</analysis>\n"
+              "                <score>A list using square brackets `[]`, where each element is a binary score (0 or 1) corresponding to a checkpoint, as required in Step 2. **Ensure the list length matches the number of checkpoints**. Each element should be either 0 or 1, indicating whether the checkpoint was satisfied.</score>\n"
+              "            </description>\n"
+              "            ")
+TEMPLATE_ZH = ("你是一个精确且客观的中文图像描述系统。我会给你一段生成图像的提示词，以及对应的生成图像，同时对于生成图像与提示词之间相关性的考点及对应说明，你需要逐个考点来判断生成的图像是否遵从了提示词中所包含的对应考点要求。\n\n"
+              "        针对每张图像，你需要按照顺序完成如下的任务：\n"
+              "        1. 这张生成图像对应的提示词为「{prompt}」，你需要根据{testpoint}中的这些角度逐个对图像内容进行更进一步的详细分析，考点的详细说明如下：{explanation}，各个考点在这条prompt中对应的描述说明如下：{test_explanation}, 你需要根据考点逐一判断生成图像是否满足了考点对应的要求\n"
+              "        2. 综合上述回答，你需要逐个考点判断生成的图像在考点关注维度上是否符合输入的prompt，如果满足要求则该考点得分为1，否则为0\n\n"
+              "        约束条件：\n"
+              "        - 仅描述直接可见的内容；不要进行解读、推测或暗示背景故事。\n"
+              "        - 专注于能够确定性陈述的视觉细节。\n"
+              "        - 省略不确定或不清晰的细节。\n"
+              "        - 即使输入中存在，也不要描述抽象实体、情感或推测。\n\n"
+              "        请严格遵循以下输出格式：\n\n"
+              "        <description>\n"
+              "            <prompt>{prompt}</prompt>\n"
+              "            <checkpoint>{testpoint}</checkpoint>\n"
+              "            <analysis>按照步骤1对于给定考点进行逐项详细分析，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为一个字符串，表示对于对应考点的分析</analysis>\n"
+              "            <score>按照步骤2逐个对考点进行打分，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为0或者1，表示对应考点是否完成</score>\n"
+              "        </description>\n"
+              "        ")
 EXPLANATIONS_EN = {
     "Relationship - Comparison": "Comparison of attributes between two entities",
     "Relationship - Composition": "An entity is composed of one or more other entities",
@@ -125,7 +114,6 @@ EXPLANATIONS_ZH = {
     "语法-否定": "考察模型对于否定语法的掌握程度", "语法-代词指代": "这里的代词通常是有一些迷惑性的，考察模型能否正确对应", "语法-统一性": "实体共同属性的考察",
     "世界知识": "名人、建筑、基础的领域知识、网络流行语。其中名人不要使用当代有版权风险的名人", "风格": "艺术、绘画、摄影、设计风格，及对应艺术家名称", "逻辑推理": "需要模型深入理解意图并进行一定的推理",
     "文本生成": "考察模型能否准确生成不同语言，字体和长、短文字"}
-# The headers of the checkpoint definitions and descriptions blocks ("Defination" sic).
 HEADERS = {"en": ("Checkpoints Defination", "Checkpoints Description"), "zh": ("考点说明", "考点描述说明")}
 
 
@@ -177,8 +165,7 @@ class PromptSet(list):  # the prompts of one file, and its name (generate record
 
 
 def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = False) -> BenchPrompt:
-    """Checkpoint names (English or Chinese, spaces and case aside) -> the 27 sub-criteria; theme and sub-theme labels
-    (English, Chinese, older spellings) -> the taxonomy's; an unknown sub-theme label is kept (it scores nothing)."""
+    """Names (English or Chinese, any spacing and case) -> the taxonomy's; an unknown sub-theme label is kept as is."""
     fields = {KEYS_ZH.get(k, k): v for k, v in sub_dims.items()} if isinstance(sub_dims, dict) else {}
     names, descriptions = fields.get("Testpoints"), fields.get("Testpoint Description")
     if not (isinstance(text, str) and text.strip() and isinstance(names, list) and isinstance(descriptions, list)
@@ -301,7 +288,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
     try:
         with urllib.request.urlopen(urllib.request.Request(url + "/models", headers=headers), timeout=30) as r:
             served = [m["id"] for m in json.loads(r.read())["data"]]
-    except urllib.error.HTTPError as e:
+    except urllib.request.HTTPError as e:
         hint = (f" (check ${key_env}, see --judge-api-key-env)" if e.code in (401, 403) else
                 " (is --judge-url missing /v1?)" if e.code == 404 and not url.endswith("/v1") else "")
         sys.exit(scrub(f"error: --judge-url {url} answered HTTP {e.code} on /models{hint}", key_env))
@@ -323,12 +310,12 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
             req = urllib.request.Request(url + "/chat/completions", json.dumps(payload).encode(), headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
                 return str(json.loads(resp.read())["choices"][0]["message"]["content"]), None, True
-        except urllib.error.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
+        except urllib.request.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
             return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
         except (OSError, http.client.HTTPException) as e:
-            if isinstance(getattr(e, "reason", e), TimeoutError):
-                return None, f"timeout after {timeout:g} s", True
-            return None, scrub(f"connection failed: {getattr(e, 'reason', e)}", key_env), True
+            why = getattr(e, "reason", e)
+            return None, f"timeout after {timeout:g} s" if isinstance(why, TimeoutError) else scrub(
+                f"connection failed: {why}", key_env), True
         except (ValueError, LookupError, TypeError) as e:
             return None, f"unreadable server reply ({type(e).__name__})", True
 
@@ -559,8 +546,7 @@ def load_result_records(path: str | os.PathLike) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Pooled accuracy of a group = its correct checkpoints / all its checkpoints over every judged image, as the
-    official eval pools. Failed judgments are counted and left out; coverage = judged / expected images."""
+    """Pooled accuracy (official): correct / all checkpoints of a group; failed judgments counted, not scored."""
     tallies = {table: defaultdict(lambda: [0, 0]) for table in ("sub_criteria", "primary", "themes")}
     judged = [r for r in records if r["scores"] is not None]
     for record in judged:
@@ -578,9 +564,8 @@ def summarize(records: list[dict]) -> dict:
         keys = [k for k in order[table] if k in counts] + sorted(k for k in counts if k not in order[table])
         summary[table] = {k: {"accuracy": 100.0 * counts[k][0] / counts[k][1], "correct": counts[k][0],
                               "checkpoints": counts[k][1]} for k in keys}
-    primaries = [v["accuracy"] for v in summary["primary"].values()]
-    summary["overall"] = sum(primaries) / len(primaries) if primaries else None
-    summary["primaries_scored"] = len(primaries)  # under 10, the overall is not comparable with published numbers
+    primaries = [v["accuracy"] for v in summary["primary"].values()]  # under 10, not comparable with published numbers
+    summary |= {"overall": sum(primaries) / len(primaries) if primaries else None, "primaries_scored": len(primaries)}
     return summary
 
 
@@ -638,11 +623,6 @@ def report(paths: list[str], names: list[str] | None = None, out: str | None = N
 
 
 # ======== Command line: each flag once, with its default and its range, checked as it is parsed (one line naming it)
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage block
-        sys.exit(f"error: {self.prog}: {message} (see --help)")
-
-
 def add_flags(parser, flags) -> None:
     """(flag, default, help[, argparse keywords][, range "[lo,hi)", ends closed [] or open ()]): help, default, check."""
     def in_range(interval: str, kind):
@@ -665,11 +645,14 @@ def add_flags(parser, flags) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     doc = __doc__.split("\n\n")
-    parser = Parser(description=doc[0], epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc[0], epilog="\n\n".join(doc[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
     g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
     r = commands.add_parser("report", help="accuracy tables; several results files side by side, with deltas")
+    for p in parser, g, e, r:  # a bad flag: one line, not a usage block
+        p.error = lambda message, p=p: sys.exit(f"error: {p.prog}: {message} (see --help)")
     add_flags(g, [
         ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a smoke test'),
         ("--out", "required", "folder for the images and generate.json"),
