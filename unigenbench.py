@@ -190,17 +190,16 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
 def read_rows(path: Path, text: str):
     """(index, prompt, sub_dims, where, zh) per JSON record (one a line, or a list of them) or official CSV row."""
     if text.lstrip()[:1] in ("[", "{"):
-        try:
-            rows = json.loads(text) if (listed := text.lstrip()[0] == "[") else text.splitlines()
+        try:  # a JSON list of records: one record a line from here on, as in a JSON-lines file
+            text = "\n".join(map(json.dumps, json.loads(text))) if text.lstrip()[0] == "[" else text
         except json.JSONDecodeError as e:
             sys.exit(f"error: {path}:{e.lineno}: not a JSON list of prompt records ({e.msg})")
-        for no, row in enumerate(rows, 1):
-            where = f"{path.name} item {no}" if listed else f"{path.name}:{no}"
+        for no, line in enumerate(text.splitlines(), 1):  # (line `no`, or record `no` of a list)
             try:
-                if (row := row if listed else json.loads(row) if row.strip() else None) is not None:
-                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{where} ({row['index']})", 0
+                if line.strip() and (row := json.loads(line)) is not None:
+                    yield int(row["index"]), row.get("prompt"), row.get("sub_dims", row), f"{path.name}:{no}", 0
             except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-                sys.exit(f"error: {path.parent / where}: not a prompt record ({type(e).__name__}: {e})")
+                sys.exit(f"error: {path}:{no}: not a prompt record ({type(e).__name__}: {e})")
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     text_col = next((c for c in ("prompt_en", "prompt_zh", "prompt") if c in (columns := reader.fieldnames or [])), None)
@@ -253,8 +252,7 @@ def judge_prompt(p: BenchPrompt) -> str:
 
 
 def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str | None]:
-    """(scores, analysis, error) as the official eval parses: the first <analysis>...</analysis> and <score>...</score>,
-    each a Python literal list of n items; a checkpoint passes when its score == 1. Anything else fails (error)."""
+    """The official parse: the first <analysis>(.*?)</analysis>, <score>(.*?)</score>, Python lists of n; pass: == 1."""
     found = [re.search(rf"<{tag}>(.*?)</{tag}>", reply, re.DOTALL) for tag in ("analysis", "score")]
     if not all(found):
         return None, None, "unparsable reply: no <analysis>...</analysis> or no <score>...</score>"
@@ -486,8 +484,7 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attem
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
              chunk: int = 32, retries: int = 10, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
-    """Judge the images RESULTS lacks, one JSON line each, `retries` more attempts after the first (official: 10). If the
-    first `stop_after` judgments all fail, the judge is broken: stop. Ctrl-C keeps every judgment that finished."""
+    """Judge the images RESULTS lacks, one JSON line each; the first `stop_after` all failed: the judge is broken, stop."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
     done, by_index, fingerprint = read_results(results), {p.index: p.prompt for p in prompts}, prompts_fingerprint(prompts)
