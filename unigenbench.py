@@ -652,18 +652,15 @@ def main(argv: list[str] | None = None) -> None:
         p.error = lambda message, p=p: sys.exit(f"error: {p.prog}: {message} (see --help)")
     add_flags(g, [
         ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a smoke test'),
-        ("--out", "required", "folder for the images and generate.json"),
-        ("--lora", None, "LoRA checkpoint folder from training (pytorch_lora_weights.safetensors inside)"),
+        ("--out", "required", "folder for the images and generate.json"), ("--lora", None, "trained LoRA checkpoint folder"),
         ("--resolution", None, "image side; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with tiny", {"type": int}, "[1,inf)"),
         ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"), ("--max-sequence-length", 512, "T5 tokens", "[1,512]"),
-        ("--seed", 3407, "image j uses seed SEED + j, for every prompt (official)", "[0,4294967295]"),
-        ("--batch-size", 4, "images per sampler call", "[1,inf)"),
+        ("--seed", 3407, "image j: seed SEED + j (official)", "[0,4294967295]"), ("--batch-size", 4, "per call", "[1,inf)"),
         ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
          {"choices": ("fp16", "bf16")})])
     add_flags(e, [
-        ("--images", "required", "the folder generate wrote, or any folder of {index}_{j} images"),
-        ("--results", None, "results file; default: IMAGES/results.jsonl"),
+        ("--images", "required", "folder of {index}_{j} images"), ("--results", None, "default: IMAGES/results.jsonl"),
         ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official)"),
         ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
         ("--judge-retries", 10, "attempts after the first while replies do not parse (official: 10, so 11); a local "
