@@ -462,9 +462,9 @@ def test_failures_are_recorded_with_reason_and_attempts_then_retried(judge_serve
             return official_reply([1])  # always the wrong number of scores
         return 500 if down in text else 400 if rejected in text else alternating_scores(text)
     judge_server.behaviour = behaviour
-    judge = ugb.server_judge(judge_server.url, workers=4)
+    judge = ugb.server_judge(judge_server.url, workers=4, retries=2)
     results = folder / "out" / "results.jsonl"
-    assert ugb.evaluate(prompts, folder, results, judge, n=2, retries=2) == {"judged": 0, "failed": 6}
+    assert ugb.evaluate(prompts, folder, results, judge, n=2) == {"judged": 0, "failed": 6}
     done = ugb.read_results(results)
     for j in range(2):
         wrong, error = done[(prompts[0].index, j)], done[(prompts[1].index, j)]
@@ -496,8 +496,8 @@ def test_a_broken_server_stops_the_run_after_16_failures(judge_server, tmp_path)
     assert 16 <= len(judge_server.seen) <= 20 and not (folder / "results.jsonl").read_text()
     judge_server.seen.clear()  # a few failures, then a working judge: the run goes on and keeps them all
     judge_server.behaviour = lambda text: alternating_scores(text) if len(judge_server.seen) > 6 else 500
-    counts = ugb.evaluate(prompts, folder, folder / "results.jsonl", ugb.server_judge(judge_server.url, workers=1),
-                          n=2, chunk=4, retries=0)
+    counts = ugb.evaluate(prompts, folder, folder / "results.jsonl",
+                          ugb.server_judge(judge_server.url, workers=1, retries=0), n=2, chunk=4)
     assert counts == {"judged": 14, "failed": 6} and len(ugb.read_results(folder / "results.jsonl")) == 20
 
 
@@ -556,8 +556,8 @@ def test_the_api_key_is_sent_but_never_printed(judge_server, bench, monkeypatch)
     prompts, folder, _ = bench
     monkeypatch.setenv("UGB_TEST_KEY", "sk-secret-123")
     judge_server.behaviour = lambda text: 503
-    judge = ugb.server_judge(judge_server.url, key_env="UGB_TEST_KEY")
-    ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2, retries=1)
+    judge = ugb.server_judge(judge_server.url, key_env="UGB_TEST_KEY", retries=1)
+    ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2)
     assert "sk-secret-123" not in (folder / "r.jsonl").read_text()
     assert ugb.scrub("echo sk-secret-123", "UGB_TEST_KEY") == "echo ***"
 

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-import time
+import threading
 import urllib.request
 import warnings
 from collections import defaultdict, namedtuple
@@ -267,8 +267,8 @@ def parse_reply(reply: str, n: int) -> tuple[list[int] | None, list | None, str 
 
 
 # ======== The judge: an OpenAI-compatible server (vLLM), a function of your own, or a Qwen-VL in this process
-# judge([(text, image)]) yields (position, (reply, error, retriable)) as the answers come back. The HTTP client is a
-# copy of pref_grpo.py's on purpose: evaluate and report need neither torch nor pref_grpo.py (standard library only).
+# judge([(text, image, n checkpoints)]) yields (position, (reply, scores, analysis, error, attempts)) as judgments end.
+# The HTTP client copies pref_grpo.py's on purpose: evaluate and report need neither torch nor pref_grpo.py.
 RETRY_BACKOFF_S, MAX_BACKOFF_S = 2.0, 10.0  # wait before attempt 2, doubling up to the official client's cap
 
 
@@ -277,7 +277,7 @@ def scrub(text, key_env: str) -> str:  # what users see and results keep: one li
     return " ".join((str(text).replace(key, "***") if key else str(text)).split())[:300]
 
 
-def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8,
+def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_KEY", workers: int = 8, retries: int = 10,
                  timeout: float = 300.0, max_tokens: int = 4096, temperature: float | None = None):
     """The official request (one user message: the image, JPEG quality 95 base64, then the text; max_tokens 4096) and no
     sampling field (the official `"do_sample": false` is one vLLM ignores: docs/unigenbench.md); checks the server."""
@@ -297,31 +297,38 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
 
-    def ask(request):  # one POST: (reply, None, _) or (None, why it failed, whether asking again may help)
-        text, image, buf = *request, io.BytesIO()
+    def ask(text, image, n, stop):  # up to 1 + `retries` POSTs until a reply parses (official: 11)
+        buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=95)
         content = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(
             buf.getvalue()).decode()}}, {"type": "text", "text": text}]
-        payload = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-                   **({} if temperature is None else {"temperature": temperature})}
-        try:
-            req = urllib.request.Request(url + "/chat/completions", json.dumps(payload).encode(), headers, method="POST")
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
-                return str(json.loads(resp.read())["choices"][0]["message"]["content"]), None, True
-        except urllib.request.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
-            return None, f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
-        except (OSError, http.client.HTTPException) as e:
-            why = getattr(e, "reason", e)
-            return None, f"timeout after {timeout:g} s" if isinstance(why, TimeoutError) else scrub(
-                f"connection failed: {why}", key_env), True
-        except (ValueError, LookupError, TypeError) as e:
-            return None, f"unreadable server reply ({type(e).__name__})", True
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                           **({} if temperature is None else {"temperature": temperature})}).encode()
+        for attempt in range(1, retries + 2):
+            reply, retriable, scores, analysis = None, True, None, None
+            try:
+                req = urllib.request.Request(url + "/chat/completions", body, headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
+                    reply = str(json.loads(resp.read())["choices"][0]["message"]["content"])
+                scores, analysis, error = parse_reply(reply, n)
+            except urllib.request.HTTPError as e:  # 5xx, 408 and 429 may pass on a later try; other 4xx are rejected again
+                error, retriable = f"HTTP {e.code}", e.code >= 500 or e.code in (408, 429)
+            except (OSError, http.client.HTTPException) as e:
+                why = getattr(e, "reason", e)
+                error = f"timeout after {timeout:g} s" if isinstance(why, TimeoutError) else f"connection failed: {why}"
+            except (ValueError, LookupError, TypeError) as e:
+                error = f"unreadable server reply ({type(e).__name__})"
+            backoff = min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S) if reply is None else 0  # let it recover
+            if scores is not None or not retriable or attempt > retries or stop.wait(backoff):
+                return reply, scores, analysis, scrub(error, key_env) if error else None, attempt
 
     def judge(requests, pool=ThreadPoolExecutor(max(1, workers))):
-        futures = {pool.submit(ask, r): i for i, r in enumerate(requests)}
+        stop = threading.Event()
+        futures = {pool.submit(ask, *r, stop): i for i, r in enumerate(requests)}
         try:
             yield from ((futures[f], f.result()) for f in as_completed(futures))
-        finally:  # stopped early (Ctrl-C, a broken judge): the requests not sent yet are dropped
+        finally:  # stopped early (Ctrl-C, a broken judge): requests not sent are dropped, retries end
+            stop.set()
             for f in futures:
                 f.cancel()
     judge.where = f"--judge-url {url}"
@@ -346,10 +353,10 @@ def function_judge(flag: str, spec: str, max_tokens: int = 4096):
             sys.exit(f"error: {flag} {spec}: {e} (expected module:function, e.g. my_judges:judge)")
 
     def judge(requests):
-        replies = fn([t for t, _ in requests], [i for _, i in requests])
+        replies = fn([t for t, _, _ in requests], [i for _, i, _ in requests])
         if len(replies := list(replies) if isinstance(replies, (list, tuple)) else [replies]) != len(requests):
             sys.exit(f"error: {flag} {spec} returned {len(replies)} replies for {len(requests)} images, not one each")
-        return enumerate((str(r), None, True) for r in replies)
+        return enumerate((str(r), *parse_reply(str(r), n), 1) for r, (_, _, n) in zip(replies, requests))
     judge.where = f"{flag} {spec}"
     return judge
 
@@ -447,11 +454,11 @@ def check_images(folder: str | os.PathLike, prompts: list[BenchPrompt], n: int, 
                  f"{', '.join(missing[:5])}); {hint}")
 
 
-def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attempts: int, suffix: str):
-    """Each image's record once its reply parsed, its last attempt failed, the judge rejected it (4xx), or unreadable."""
+def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, suffix: str):
+    """Each image's record as soon as it is judged (its reply parsed, or not after the last attempt), or unreadable."""
     from PIL import Image
 
-    def record(k, tries, reply=None, scores=None, analysis=None, error=None):
+    def record(k, reply=None, scores=None, analysis=None, error=None, tries=0):
         (p, j), file = todo[k], image_path(folder, todo[k][0].index, todo[k][1], suffix).name
         return dict(index=p.index, image=j, file=file, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
                     checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
@@ -462,27 +469,14 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, attem
             with Image.open(image_path(folder, p.index, j, suffix)) as im:
                 images[k] = im.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
-            yield record(k, 0, error=" ".join(f"unreadable image {p.index}_{j}.{suffix}: {e}".split())[:300])
-    pending = list(images)
-    for attempt in range(1, attempts + 1):
-        if not pending:
-            break
-        retry, transport_failed = [], False
-        for position, (reply, error, retriable) in judge([(judge_prompt(todo[k][0]), images[k]) for k in pending]):
-            k = pending[position]
-            scores, analysis, error = (None, None, error) if error else parse_reply(reply, len(todo[k][0].checkpoints))
-            if scores is None and retriable and attempt < attempts:
-                retry.append(k)
-                transport_failed |= reply is None
-            else:
-                yield record(k, attempt, reply, scores, analysis, error)
-        if retry and transport_failed:  # give the server time
-            time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
-        pending = retry
+            yield record(k, error=" ".join(f"unreadable image {p.index}_{j}.{suffix}: {e}".split())[:300])
+    keys = list(images)
+    requests = [(judge_prompt(todo[k][0]), images[k], len(todo[k][0].checkpoints)) for k in keys]
+    yield from (record(keys[position], *outcome) for position, outcome in (judge(requests) if keys else ()))
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
-             chunk: int = 32, retries: int = 10, retry_failed: bool = False, suffix: str = "png",
+             chunk: int = 32, retry_failed: bool = False, suffix: str = "png",
              stop_after: int = 16) -> dict:
     """Judge the images RESULTS lacks, one JSON line each; the first `stop_after` all failed: the judge is broken, stop."""
     images, results = Path(images), Path(results)
@@ -506,7 +500,7 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
         try:
             for start in range(0, len(todo), chunk):
-                for record in judge_images(todo[start:start + chunk], images, judge, retries + 1, suffix):
+                for record in judge_images(todo[start:start + chunk], images, judge, suffix):
                     counts["failed" if record["scores"] is None else "judged"] += 1
                     out.write(json.dumps(record | {"prompt_set": fingerprint, "expected": len(keys)},
                                          ensure_ascii=False) + "\n")
@@ -663,8 +657,8 @@ def main(argv: list[str] | None = None) -> None:
         ("--images", "required", "folder of {index}_{j} images"), ("--results", None, "default: IMAGES/results.jsonl"),
         ("--judge-model", "QwenVL", "the name the server serves (vLLM --served-model-name; QwenVL as the official)"),
         ("--judge-api-key-env", "OPENAI_API_KEY", "environment variable holding the server's API key (never printed)"),
-        ("--judge-retries", 10, "attempts after the first while replies do not parse (official: 10, so 11); a local "
-         "Qwen-VL decodes greedily: one", "[0,inf)"),
+        ("--judge-retries", 10, "requests after the first while replies do not parse (official: 10, so 11); "
+         "--judge-url only", "[0,inf)"),
         ("--judge-temperature", None, "sent with each request (0: greedy); default: none, the server's own sampling, as "
          "the official request gets", {"type": float}, "[0,inf)"),
         ("--judge-max-tokens", 4096, "reply length limit (official)", "[1,inf)"),
@@ -694,13 +688,13 @@ def main(argv: list[str] | None = None) -> None:
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
             check_writable(results, "--results")
-            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env,
+            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, retries=args.judge_retries,
                                   timeout=args.judge_timeout, workers=args.judge_workers,
                                   max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
                      if args.judge_url else function_judge("--judge-fn", args.judge_fn) if args.judge_fn else
                      function_judge("--judge-local", args.judge_local, args.judge_max_tokens))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
-                     retries=0 if args.judge_local else args.judge_retries, retry_failed=args.retry_failed)
+                     retry_failed=args.retry_failed)
         else:
             report(args.results, args.names, args.out)
     except KeyboardInterrupt:  # evaluate has said what it kept; generate keeps every image it finished
