@@ -155,8 +155,7 @@ KEYS_ZH = {"一级垂类": "Primary Categories", "二级垂类": "Secondary Cate
 
 
 # ======== Prompts: the official CSVs (en/zh, short/long) and our JSON records, read into one normalised form
-# checkpoints: (English sub-criterion, the part of the prompt it tests); lang "zh" (a prompt_zh column, 考点 keys) gets
-# the zh judge template, explanations and names.
+# checkpoints: (sub-criterion, the part of the prompt it tests); lang "zh" (prompt_zh, 考点 keys): the zh judge prompt.
 BenchPrompt = namedtuple("BenchPrompt", "index prompt theme subtheme subject checkpoints lang", defaults=["en"])
 
 
@@ -180,10 +179,10 @@ def to_bench_prompt(index: int, text: str, sub_dims, where: str, zh: bool = Fals
     label = raw = str(fields.get("Secondary Categories", "")).strip()
     for prefix in (theme, THEMES_ZH.get(theme, theme)):  # "Art-Graphic Art", "艺术-平面艺术": drop the theme
         label = label[len(prefix) + 1:] if label.lower().startswith(prefix.lower() + "-") else label
-    subs = SUBTHEMES.get(theme, {})
-    labels = {n.lower(): n for n in subs} | {z.lower(): n for n, z in subs.items()} | SUBTHEME_ALIASES
-    return BenchPrompt(index, text, theme, labels.get(label.lower(), raw), SUBJECTS_ZH.get(subject := str(fields.get(
-        "Subjects", "")).strip(), subject), tuple((criteria[key(n)], str(d)) for n, d in zip(names, descriptions)),
+    labels = {k.lower(): name for name, zh in SUBTHEMES.get(theme, {}).items() for k in (name, zh)} | SUBTHEME_ALIASES
+    subtheme, subject = labels.get(label.lower(), raw), str(fields.get("Subjects", "")).strip()
+    return BenchPrompt(index, text, theme, subtheme, SUBJECTS_ZH.get(subject, subject),
+                       tuple((criteria[key(n)], str(d)) for n, d in zip(names, descriptions)),
                        "zh" if zh or "考点" in sub_dims else "en")
 
 
@@ -245,8 +244,7 @@ def judge_prompt(p: BenchPrompt) -> str:
     """The judge's text exactly as the official eval builds it, in the prompt set's language."""
     names = [SUB_CRITERIA[name].zh if p.lang == "zh" else name for name, _ in p.checkpoints]
     explanations, (head, desc_head) = EXPLANATIONS_ZH if p.lang == "zh" else EXPLANATIONS_EN, HEADERS[p.lang]
-    return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(
-        prompt=p.prompt, testpoint=repr(names),
+    return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(prompt=p.prompt, testpoint=repr(names),
         explanation=head + ":「" + "".join(f"\n{n}: {explanations[n]}" for n in names) + "\n」",
         test_explanation=desc_head + ":「" + "".join(f"\n{n}: {d}" for n, (_, d) in zip(names, p.checkpoints)) + "\n」")
 
@@ -367,8 +365,7 @@ def image_path(folder: str | os.PathLike, index: int, j: int, suffix: str = "png
 
 
 def generation_dtype(device: str, dtype: str = "fp16") -> str:
-    """On CUDA fp16, as the official inference loads every FLUX part (inference/flux_en_multi_node_inference.py,
-    `torch_dtype=torch.float16`, lines 66-75), or bf16 on request; on a CPU float32."""
+    """fp16 on CUDA as the official (inference/flux_en_multi_node_inference.py, lines 66-75), or bf16; CPU: float32."""
     return {"fp16": "float16", "bf16": "bfloat16"}[dtype] if device == "cuda" else "float32"
 
 
@@ -476,8 +473,7 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, suffi
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
-             chunk: int = 32, retry_failed: bool = False, suffix: str = "png",
-             stop_after: int = 16) -> dict:
+             chunk: int = 32, retry_failed: bool = False, suffix: str = "png", stop_after: int = 16) -> dict:
     """Judge the images RESULTS lacks, one JSON line each; the first `stop_after` all failed: the judge is broken, stop."""
     images, results = Path(images), Path(results)
     check_images(images, prompts, n, suffix)
@@ -493,8 +489,7 @@ def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str
         print(f"evaluate: {len(failed)} images failed in an earlier run; "
               + ("judging them again" if retry_failed else "--retry-failed judges them again"))
     results.parent.mkdir(parents=True, exist_ok=True)
-    size = results.stat().st_size if results.exists() else 0
-    cut = size and not results.read_bytes().endswith(b"\n")  # a killed write
+    cut = (size := results.stat().st_size if results.exists() else 0) and not results.read_bytes().endswith(b"\n")
     counts, asked, interrupted = {"judged": 0, "failed": 0}, 0, None
     with open(results, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc="evaluate", unit="img") as bar:
         out.write("\n" if cut else "")  # end the line a kill cut short, so the next record starts a line of its own
@@ -635,9 +630,8 @@ def add_flags(parser, flags) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    doc = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(description=doc[0], epilog="\n\n".join(doc[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    about, _, more = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=about, epilog=more, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,evaluate,report}")
     g = commands.add_parser("generate", help="n images per prompt into OUT/{index}_{j}.png (official FLUX settings)")
     e = commands.add_parser("evaluate", help="judge every image, appending to --results (one JSON line per image)")
@@ -688,9 +682,8 @@ def main(argv: list[str] | None = None) -> None:
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
             check_writable(results, "--results")
-            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, retries=args.judge_retries,
-                                  timeout=args.judge_timeout, workers=args.judge_workers,
-                                  max_tokens=args.judge_max_tokens, temperature=args.judge_temperature)
+            judge = (server_judge(args.judge_url, args.judge_model, key_env=args.judge_api_key_env, **{k: getattr(
+                args, "judge_" + k) for k in ("retries", "timeout", "workers", "max_tokens", "temperature")})
                      if args.judge_url else function_judge("--judge-fn", args.judge_fn) if args.judge_fn else
                      function_judge("--judge-local", args.judge_local, args.judge_max_tokens))
             evaluate(prompts, args.images, results, judge, n=args.n, chunk=args.chunk, suffix=args.image_suffix,
