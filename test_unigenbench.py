@@ -808,6 +808,22 @@ def test_runs_as_a_single_file_beside_pref_grpo(judge_server, tmp_path):
     assert (alone / "run" / "report.md").exists() and "import mllm" not in script.read_text()
 
 
+def test_evaluate_and_report_need_neither_torch_nor_pref_grpo(judge_server, tmp_path):
+    alone = tmp_path / "alone"  # unigenbench.py alone, and a torch that fails on import: neither is needed
+    alone.mkdir()
+    shutil.copy(HERE / "unigenbench.py", alone / "unigenbench.py")
+    (alone / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    env, script = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, alone / "unigenbench.py"
+    rc, _, err = cli("evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-url", judge_server.url,
+                     cwd=alone, env=env, script=script)
+    assert rc == 0 and len(ugb.read_results(folder / "results.jsonl")) == 6, err
+    rc, out, err = cli("report", folder / "results.jsonl", cwd=alone, env=env, script=script)
+    assert rc == 0 and "| 6/6 (100.0%) |" in out, err
+    rc, _, err = cli("generate", "--model", "tiny", "--out", tmp_path / "out", cwd=alone, env=env, script=script)
+    assert_one_line_error(rc, err, "--prompts", "prompts.jsonl: no such file", "beside unigenbench.py")
+
+
 def test_help_shows_examples_and_every_flag_has_a_help_with_its_default():
     rc, out, _ = cli("--help")
     assert rc == 0 and "python unigenbench.py generate --model black-forest-labs/FLUX.1-dev" in out

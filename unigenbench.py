@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         ("--resolution", None, "image side; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with tiny", {"type": int}, "[1,inf)"),
         ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"), ("--max-sequence-length", 512, "T5 tokens", "[1,512]"),
-        ("--seed", 3407, "image j: seed SEED + j (official)", "[0,4294967295]"), ("--batch-size", 4, "per call", "[1,inf)"),
+        ("--seed", 3407, "image j: SEED + j (official)", "[0,4294967295]"), ("--batch-size", 4, "images a call", "[1,inf)"),
         ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
          {"choices": ("fp16", "bf16")})])
     add_flags(e, [
