@@ -244,7 +244,8 @@ def judge_prompt(p: BenchPrompt) -> str:
     """The judge's text exactly as the official eval builds it, in the prompt set's language."""
     names = [SUB_CRITERIA[name].zh if p.lang == "zh" else name for name, _ in p.checkpoints]
     explanations, (head, desc_head) = EXPLANATIONS_ZH if p.lang == "zh" else EXPLANATIONS_EN, HEADERS[p.lang]
-    return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(prompt=p.prompt, testpoint=repr(names),
+    return (TEMPLATE_ZH if p.lang == "zh" else TEMPLATE_EN).format(
+        prompt=p.prompt, testpoint=repr(names),
         explanation=head + ":「" + "".join(f"\n{n}: {explanations[n]}" for n in names) + "\n」",
         test_explanation=desc_head + ":「" + "".join(f"\n{n}: {d}" for n, (_, d) in zip(names, p.checkpoints)) + "\n」")
 
@@ -460,16 +461,15 @@ def judge_images(todo: list[tuple[BenchPrompt, int]], folder: Path, judge, suffi
         return dict(index=p.index, image=j, file=file, prompt=p.prompt, lang=p.lang, theme=p.theme, subtheme=p.subtheme,
                     checkpoints=[list(c) for c in p.checkpoints], scores=scores, error=error, attempts=tries,
                     analysis=analysis, reply=reply)
-    images = {}
+    loaded = []  # (position in todo, image)
     for k, (p, j) in enumerate(todo):
         try:
             with Image.open(image_path(folder, p.index, j, suffix)) as im:
-                images[k] = im.convert("RGB")
+                loaded.append((k, im.convert("RGB")))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, not an image
             yield record(k, error=" ".join(f"unreadable image {p.index}_{j}.{suffix}: {e}".split())[:300])
-    keys = list(images)
-    requests = [(judge_prompt(todo[k][0]), images[k], len(todo[k][0].checkpoints)) for k in keys]
-    yield from (record(keys[position], *outcome) for position, outcome in (judge(requests) if keys else ()))
+    requests = [(judge_prompt(todo[k][0]), image, len(todo[k][0].checkpoints)) for k, image in loaded]
+    yield from (record(loaded[position][0], *outcome) for position, outcome in (judge(requests) if loaded else ()))
 
 
 def evaluate(prompts: list[BenchPrompt], images: str | os.PathLike, results: str | os.PathLike, judge, *, n: int = 4,
