@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
-    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; this, --judge-url, --judge-fn or "
+    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; one of --judge-url, --judge-fn, "
                                                                 "--judge-local is required") for flag, text in [
         ("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
         ("--judge-fn", "module:function of yours, from the working directory or installed: fn(texts, images) -> replies"),
