@@ -691,8 +691,8 @@ def test_a_read_only_results_file_is_refused_before_the_judge_loads(tmp_path, mo
 
 
 def test_report_refuses_a_results_file_holding_two_prompt_sets(tmp_path):
-    mixed = write_results(tmp_path / "run" / "results.jsonl", [dict(HAND_MADE[0], prompt_set="aaa", expected=1),
-                                                             dict(HAND_MADE[2], prompt_set="bbb", expected=1)])
+    two_sets = [dict(HAND_MADE[0], prompt_set="aaa", expected=1), dict(HAND_MADE[2], prompt_set="bbb", expected=1)]
+    mixed = write_results(tmp_path / "run" / "results.jsonl", two_sets)
     rc, _, err = cli("report", mixed)
     assert_one_line_error(rc, err, mixed, "2 prompt sets (aaa, bbb)")
     assert not (tmp_path / "run" / "report.md").exists()
@@ -700,7 +700,7 @@ def test_report_refuses_a_results_file_holding_two_prompt_sets(tmp_path):
 
 # ------------------------------------------------------------------------------------ end to end: tiny models
 @pytest.mark.parametrize("device, flag, dtype", [("cuda", "fp16", "float16"), ("cuda", "bf16", "bfloat16"),
-                                                  ("cpu", "fp16", "float32"), ("cpu", "bf16", "float32")])
+                                                 ("cpu", "fp16", "float32"), ("cpu", "bf16", "float32")])
 def test_generation_dtype_is_the_official_fp16_on_cuda(device, flag, dtype):
     assert ugb.generation_dtype(device, flag) == dtype
 

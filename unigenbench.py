@@ -44,39 +44,39 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 # EXPLANATION_DICT_ZH and the blocks' headers ("Defination" sic). UniGenBench, Copyright (C) 2025 Tencent, licensed
 # under CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/). The UniGenBench eval models were trained on this input.
 TEMPLATE_EN = ("You are a precise and objective English-language image description system. I will provide you with a prompt for image generation, as well as the corresponding generated image. You will be given a set of evaluation criteria (checkpoints) and their explanations that define the relevance between the prompt and the image. You must evaluate whether the generated image fulfills the requirements implied by each checkpoint in the prompt.\n\n"
-              "            For each image, follow the steps below in order:\n\n"
-              "            1. The prompt for the generated image is: 「{prompt}」. You are to analyze the image content in detail from the angles specified in {testpoint}. Detailed definitions of these checkpoints are provided here: {explanation}. The specific description of each checkpoint in the context of the prompt is: {test_explanation}. You must analyze whether the image meets the requirements for each checkpoint individually.\n\n"
-              "            2. Based on the above analysis, determine whether the generated image satisfies each checkpoint in terms of its visual alignment with the prompt. If the image meets the requirements of a checkpoint, assign a score of 1 to that checkpoint; otherwise, assign a score of 0.\n\n"
-              "            Constraints:\n"
-              "            - Only describe content that is directly visible; do not interpret, speculate, or infer any background story.\n"
-              "            - Focus solely on visually verifiable details.\n"
-              "            - Omit any uncertain or ambiguous elements.\n"
-              "            - Even if mentioned in the input, do not describe abstract entities, emotions, or speculative ideas.\n\n"
-              "            Please strictly follow the output format below:\n\n"
-              "            <description>\n"
-              "                <prompt>{prompt}</prompt>\n"
-              "                <checkpoint>{testpoint}</checkpoint>\n"
-              "                <analysis>A list using square brackets `[]`, where each element is a string of detailed analysis corresponding to one checkpoint, as required in Step 1. **Ensure the list length matches the number of checkpoints**. Each element should be a string representing the analysis for that specific checkpoint.</analysis>\n"
-              "                <score>A list using square brackets `[]`, where each element is a binary score (0 or 1) corresponding to a checkpoint, as required in Step 2. **Ensure the list length matches the number of checkpoints**. Each element should be either 0 or 1, indicating whether the checkpoint was satisfied.</score>\n"
-              "            </description>\n"
-              "            ")
+               "            For each image, follow the steps below in order:\n\n"
+               "            1. The prompt for the generated image is: 「{prompt}」. You are to analyze the image content in detail from the angles specified in {testpoint}. Detailed definitions of these checkpoints are provided here: {explanation}. The specific description of each checkpoint in the context of the prompt is: {test_explanation}. You must analyze whether the image meets the requirements for each checkpoint individually.\n\n"
+               "            2. Based on the above analysis, determine whether the generated image satisfies each checkpoint in terms of its visual alignment with the prompt. If the image meets the requirements of a checkpoint, assign a score of 1 to that checkpoint; otherwise, assign a score of 0.\n\n"
+               "            Constraints:\n"
+               "            - Only describe content that is directly visible; do not interpret, speculate, or infer any background story.\n"
+               "            - Focus solely on visually verifiable details.\n"
+               "            - Omit any uncertain or ambiguous elements.\n"
+               "            - Even if mentioned in the input, do not describe abstract entities, emotions, or speculative ideas.\n\n"
+               "            Please strictly follow the output format below:\n\n"
+               "            <description>\n"
+               "                <prompt>{prompt}</prompt>\n"
+               "                <checkpoint>{testpoint}</checkpoint>\n"
+               "                <analysis>A list using square brackets `[]`, where each element is a string of detailed analysis corresponding to one checkpoint, as required in Step 1. **Ensure the list length matches the number of checkpoints**. Each element should be a string representing the analysis for that specific checkpoint.</analysis>\n"
+               "                <score>A list using square brackets `[]`, where each element is a binary score (0 or 1) corresponding to a checkpoint, as required in Step 2. **Ensure the list length matches the number of checkpoints**. Each element should be either 0 or 1, indicating whether the checkpoint was satisfied.</score>\n"
+               "            </description>\n"
+               "            ")
 TEMPLATE_ZH = ("你是一个精确且客观的中文图像描述系统。我会给你一段生成图像的提示词，以及对应的生成图像，同时对于生成图像与提示词之间相关性的考点及对应说明，你需要逐个考点来判断生成的图像是否遵从了提示词中所包含的对应考点要求。\n\n"
-              "        针对每张图像，你需要按照顺序完成如下的任务：\n"
-              "        1. 这张生成图像对应的提示词为「{prompt}」，你需要根据{testpoint}中的这些角度逐个对图像内容进行更进一步的详细分析，考点的详细说明如下：{explanation}，各个考点在这条prompt中对应的描述说明如下：{test_explanation}, 你需要根据考点逐一判断生成图像是否满足了考点对应的要求\n"
-              "        2. 综合上述回答，你需要逐个考点判断生成的图像在考点关注维度上是否符合输入的prompt，如果满足要求则该考点得分为1，否则为0\n\n"
-              "        约束条件：\n"
-              "        - 仅描述直接可见的内容；不要进行解读、推测或暗示背景故事。\n"
-              "        - 专注于能够确定性陈述的视觉细节。\n"
-              "        - 省略不确定或不清晰的细节。\n"
-              "        - 即使输入中存在，也不要描述抽象实体、情感或推测。\n\n"
-              "        请严格遵循以下输出格式：\n\n"
-              "        <description>\n"
-              "            <prompt>{prompt}</prompt>\n"
-              "            <checkpoint>{testpoint}</checkpoint>\n"
-              "            <analysis>按照步骤1对于给定考点进行逐项详细分析，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为一个字符串，表示对于对应考点的分析</analysis>\n"
-              "            <score>按照步骤2逐个对考点进行打分，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为0或者1，表示对应考点是否完成</score>\n"
-              "        </description>\n"
-              "        ")
+               "        针对每张图像，你需要按照顺序完成如下的任务：\n"
+               "        1. 这张生成图像对应的提示词为「{prompt}」，你需要根据{testpoint}中的这些角度逐个对图像内容进行更进一步的详细分析，考点的详细说明如下：{explanation}，各个考点在这条prompt中对应的描述说明如下：{test_explanation}, 你需要根据考点逐一判断生成图像是否满足了考点对应的要求\n"
+               "        2. 综合上述回答，你需要逐个考点判断生成的图像在考点关注维度上是否符合输入的prompt，如果满足要求则该考点得分为1，否则为0\n\n"
+               "        约束条件：\n"
+               "        - 仅描述直接可见的内容；不要进行解读、推测或暗示背景故事。\n"
+               "        - 专注于能够确定性陈述的视觉细节。\n"
+               "        - 省略不确定或不清晰的细节。\n"
+               "        - 即使输入中存在，也不要描述抽象实体、情感或推测。\n\n"
+               "        请严格遵循以下输出格式：\n\n"
+               "        <description>\n"
+               "            <prompt>{prompt}</prompt>\n"
+               "            <checkpoint>{testpoint}</checkpoint>\n"
+               "            <analysis>按照步骤1对于给定考点进行逐项详细分析，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为一个字符串，表示对于对应考点的分析</analysis>\n"
+               "            <score>按照步骤2逐个对考点进行打分，格式为一个方括号列表，**确保列表的长度与考点的数量相等**，每个元素为0或者1，表示对应考点是否完成</score>\n"
+               "        </description>\n"
+               "        ")
 EXPLANATIONS_EN = {
     "Relationship - Comparison": "Comparison of attributes between two entities",
     "Relationship - Composition": "An entity is composed of one or more other entities",
@@ -566,12 +566,12 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         return f"| {label} | " + " | ".join(cells) + " |" if any(v is not None for v in values) else None
 
     accuracy = lambda table, key: lambda s: s[table][key]["accuracy"] if key in s[table] else None  # noqa: E731
-    counts = lambda label, cell: f"| {label} | " + " | ".join([cell(s) for s in runs] + [""] * (len(runs) - 1)) + " |"
+    text = lambda label, f: f"| {label} | " + " | ".join([f(s) for s in runs] + [""] * (len(runs) - 1)) + " |"  # noqa: E731
     lines = ["| Dimension | " + " | ".join(names + [f"Δ {name}" for name in names[1:]]) + " |",
              "|" + "---|" * 2 * len(names),
-             counts("Images (failed judgments, not scored)", lambda s: f"{s['images']} ({s['failed']} failed)"),
-             counts("Coverage (judged / expected images)",
-                    lambda s: f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)"),
+             text("Images (failed judgments, not scored)", lambda s: f"{s['images']} ({s['failed']} failed)"),
+             text("Coverage (judged / expected images)",
+                  lambda s: f"{s['judged']}/{s['expected']} ({s['coverage']:.1f}%)"),
              row("**Overall**", lambda s: s["overall"])]
     for primary in PRIMARIES:  # rows nobody has data for (a small prompt subset) are left out
         subs = [name for name, c in SUB_CRITERIA.items() if c.primary == primary]
@@ -661,11 +661,11 @@ def main(argv: list[str] | None = None) -> None:
         ("--chunk", 32, "images sent to the judge at a time", "[1,inf)"),
         ("--image-suffix", "png", "image file type in --images", {"choices": ["png", "jpg", "jpeg", "webp"]}),
         ("--retry-failed", False, "judge again the images whose judgment failed; default: off")])
-    add_flags(e.add_mutually_exclusive_group(required=True), [(flag, None, text + "; one of --judge-url, --judge-fn, "
-                                                                "--judge-local is required") for flag, text in [
-        ("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
-        ("--judge-fn", "module:function of yours, from the working directory or installed: fn(texts, images) -> replies"),
-        ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, in this process")]])
+    judges = [("--judge-url", "OpenAI-compatible base URL ending in /v1 (vLLM: http://HOST:8000/v1)"),
+              ("--judge-fn", "yours, module:function (working directory or installed): fn(texts, images) -> replies"),
+              ("--judge-local", "Qwen-VL hub id (CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1) or folder, run here")]
+    add_flags(e.add_mutually_exclusive_group(required=True), [
+        (flag, None, f"{what}; one of {', '.join(f for f, _ in judges)} is required") for flag, what in judges])
     for sub in g, e:
         add_flags(sub, [("--prompts", str(DEFAULT_PROMPTS), "an official UniGenBench CSV (test_prompts_en.csv, _en_long, "
                          "_zh, _zh_long) or JSON prompt records; default: prompts.jsonl beside this file"),
