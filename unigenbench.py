@@ -321,7 +321,7 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
             if scores is not None or not retriable or attempt > retries or stop.wait(backoff):
                 return reply, scores, analysis, scrub(error, key_env) if error else None, attempt
 
-    def judge(requests, pool=ThreadPoolExecutor(max(1, workers))):
+    def judge(requests, pool=ThreadPoolExecutor(max(1, workers))):  # one pool for the judge's life
         stop = threading.Event()
         futures = {pool.submit(ask, *r, stop): i for i, r in enumerate(requests)}
         try:
