@@ -8,9 +8,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from http.server import ThreadingHTTPServer
@@ -30,6 +32,7 @@ OFFICIAL = {"test_prompts_en.csv": "en", "test_prompts_en_long.csv": "en_long", 
             "test_prompts_zh_long.csv": "zh_long", "prefgrpo_unigenbench_test_data.csv": "prefgrpo_paper_en"}
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="official UniGenBench data not found beside the repo")
 needs_protocols = pytest.mark.skipif(not PROTOCOLS.is_dir(), reason="judge protocols not found beside the repo")
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "do_sample", "seed", "repetition_penalty"}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,9 @@ def test_criteria_table_matches_the_taxonomy(taxonomy):
 
 
 @pytest.mark.parametrize("content, error", [
-    ("not json at all", "not a prompt record"),
+    ("not json at all", "expected JSON prompt records or an official CSV"),  # read by content, whatever the file's name
+    ('{"index": 0, "prompt": "a cat"', "bad.jsonl:1: not a prompt record"),
+    ('[{"index": 0, "prompt": "a cat"', "bad.jsonl:2: not a JSON list of prompt records"),
     ('{"index": 0, "prompt": "a cat", "Testpoints": ["Style"], "Testpoint Description": []}', "equal length"),
     ('{"index": 0, "prompt": "a cat", "Testpoints": ["Colour"], "Testpoint Description": ["a"]}', "unknown checkpoint"),
 ])
@@ -157,6 +162,22 @@ def test_bad_prompt_files_give_one_line_errors(tmp_path, content, error):
     broken.write_text('index,prompt_en,sub_dims_en\n0,a cat,"{""Testpoints"": [""Style""" ""x""]"\n')
     with pytest.raises(SystemExit, match="malformed"):
         ugb.load_prompts(broken)
+
+
+def test_prompt_files_are_read_by_content_not_by_extension(tmp_path):
+    lines = ugb.DEFAULT_PROMPTS.read_text(encoding="utf-8").splitlines()[:3]
+    expected, rows = ugb.load_prompts()[:3], [json.loads(line) for line in lines]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\r\n")
+    writer.writerows([["index", "prompt_en", "sub_dims_en"]] + [[r["index"], r["prompt"], json.dumps(
+        {k: v for k, v in r.items() if k not in ("index", "prompt")})] for r in rows])
+    variants = {"upper.JSONL": "\r\n".join(lines), "lines.json": "\n".join(lines) + "\n",
+                "list.json": json.dumps(rows, indent=1), "bom-crlf.jsonl": "\ufeff" + "\r\n".join(lines) + "\r\n",
+                "official.CSV": "\ufeff" + table.getvalue(), "official.txt": table.getvalue()}
+    for name, text in variants.items():
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")  # CRLF kept as written
+        got = ugb.load_prompts(tmp_path / name)
+        assert list(got) == list(expected) and got.name == name, name
 
 
 # ------------------------------------------------------------------------------- the official judge input and parse
@@ -385,7 +406,8 @@ def test_server_judge_sends_the_official_request(judge_server, bench):
     counts = ugb.evaluate(prompts[:1], folder, folder / "results.jsonl", judge, n=2)
     assert counts == {"judged": 2, "failed": 0} and len(judge_server.seen) == 2
     for body in judge_server.seen:
-        assert body["model"] == "QwenVL" and body["max_tokens"] == 4096 and body["temperature"] == 0.0
+        assert body["model"] == "QwenVL" and body["max_tokens"] == 4096
+        assert not set(body) & SAMPLING_FIELDS  # the server's own sampling, as the official request gets
         text, image = sent(body)
         assert text == ugb.judge_prompt(prompts[0]) and image.format == "JPEG" and image.size == (16, 16)
 
@@ -440,9 +462,9 @@ def test_failures_are_recorded_with_reason_and_attempts_then_retried(judge_serve
             return official_reply([1])  # always the wrong number of scores
         return 500 if down in text else 400 if rejected in text else alternating_scores(text)
     judge_server.behaviour = behaviour
-    judge = ugb.server_judge(judge_server.url, workers=4)
+    judge = ugb.server_judge(judge_server.url, workers=4, retries=2)
     results = folder / "out" / "results.jsonl"
-    assert ugb.evaluate(prompts, folder, results, judge, n=2, attempts=3) == {"judged": 0, "failed": 6}
+    assert ugb.evaluate(prompts, folder, results, judge, n=2) == {"judged": 0, "failed": 6}
     done = ugb.read_results(results)
     for j in range(2):
         wrong, error = done[(prompts[0].index, j)], done[(prompts[1].index, j)]
@@ -467,14 +489,15 @@ def test_failures_are_recorded_with_reason_and_attempts_then_retried(judge_serve
 def test_a_broken_server_stops_the_run_after_16_failures(judge_server, tmp_path):
     prompts, folder, prompt_file = make_bench(tmp_path / "images", count=10)
     judge_server.behaviour = lambda text: 500
-    rc, out, err = cli("evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--attempts", 1,
+    rc, out, err = cli("evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-retries", 0,
                        "--judge-url", judge_server.url)
     assert_one_line_error(rc, err, "the first 16 judgments all failed (last: HTTP 500)", judge_server.url)
-    assert len(judge_server.seen) == 20 and not (folder / "results.jsonl").read_text()  # one chunk asked, none kept
+    # the 16th failure stops it: the rest of the chunk is dropped (some may be in flight); nothing kept
+    assert 16 <= len(judge_server.seen) <= 20 and not (folder / "results.jsonl").read_text()
     judge_server.seen.clear()  # a few failures, then a working judge: the run goes on and keeps them all
     judge_server.behaviour = lambda text: alternating_scores(text) if len(judge_server.seen) > 6 else 500
-    counts = ugb.evaluate(prompts, folder, folder / "results.jsonl", ugb.server_judge(judge_server.url, workers=1),
-                          n=2, chunk=4, attempts=1)
+    counts = ugb.evaluate(prompts, folder, folder / "results.jsonl",
+                          ugb.server_judge(judge_server.url, workers=1, retries=0), n=2, chunk=4)
     assert counts == {"judged": 14, "failed": 6} and len(ugb.read_results(folder / "results.jsonl")) == 20
 
 
@@ -533,18 +556,162 @@ def test_the_api_key_is_sent_but_never_printed(judge_server, bench, monkeypatch)
     prompts, folder, _ = bench
     monkeypatch.setenv("UGB_TEST_KEY", "sk-secret-123")
     judge_server.behaviour = lambda text: 503
-    judge = ugb.server_judge(judge_server.url, key_env="UGB_TEST_KEY")
-    ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2, attempts=2)
+    judge = ugb.server_judge(judge_server.url, key_env="UGB_TEST_KEY", retries=1)
+    ugb.evaluate(prompts[:1], folder, folder / "r.jsonl", judge, n=2)
     assert "sk-secret-123" not in (folder / "r.jsonl").read_text()
     assert ugb.scrub("echo sk-secret-123", "UGB_TEST_KEY") == "echo ***"
 
 
+def test_a_judge_that_never_answers_gets_11_requests_and_no_sampling_field(judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images", count=1, n=1)
+    judge_server.behaviour = lambda text: time.sleep(0.5) or 500  # answers after the client has given up
+    common = ["evaluate", "--images", str(folder), "--prompts", str(prompt_file), "--n", "1", "--judge-url",
+              judge_server.url, "--judge-timeout", "0.1"]
+    ugb.main(common)
+    (record,) = ugb.read_results(folder / "results.jsonl").values()
+    assert len(judge_server.seen) == 11 and record["attempts"] == 11  # range(max_retries + 1), max_retries 10
+    assert record["scores"] is None and record["error"] == "timeout after 0.1 s"
+    assert all(not set(body) & SAMPLING_FIELDS for body in judge_server.seen)
+    judge_server.seen.clear()  # --judge-temperature 0: greedy, on request
+    judge_server.behaviour = alternating_scores
+    ugb.main(common + ["--retry-failed", "--judge-temperature", "0"])
+    (body,) = judge_server.seen
+    assert body["temperature"] == 0.0 and not set(body) & SAMPLING_FIELDS - {"temperature"}
+
+
+def test_ctrl_c_keeps_every_finished_judgment_says_so_and_exits_130(judge_server, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images", count=4)
+    judge_server.behaviour = lambda text: time.sleep(0.3) or alternating_scores(text)  # a slow judge
+    args = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-url", judge_server.url,
+            "--judge-workers", 2]  # all 8 images in one chunk: what finished of the running chunk must be kept
+    results = folder / "results.jsonl"
+    run = subprocess.Popen([sys.executable, str(HERE / "unigenbench.py"), *map(str, args)], cwd=HERE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(results.read_text().splitlines() if results.exists() else []) < 3:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    kept = ugb.read_results(results)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert f"the {len(kept)} judgments of this run that finished are in {results}" in err.strip().splitlines()[-1]
+    assert 3 <= len(kept) < 8 and all(r["scores"] is not None for r in kept.values())
+    judge_server.seen.clear()  # the same command goes on: only the images not kept are asked
+    rc, _, err = cli(*args)
+    assert rc == 0 and len(judge_server.seen) == 8 - len(kept) and len(ugb.read_results(results)) == 8, err
+
+
+JUDGE_MODULE = """
+import json, re
+
+def judge(texts, images):  # every checkpoint met, in the official reply format
+    with open("calls.jsonl", "a") as f:
+        f.write(json.dumps([texts, [im.size for im in images]]) + "\\n")
+    counts = [len(eval(re.search(r"<checkpoint>(.*?)</checkpoint>", t).group(1))) for t in texts]
+    return [f"<analysis>{['looked'] * n!r}</analysis><score>{[1] * n!r}</score>" for n in counts]
+
+def wrong_count(texts, images):
+    return []
+
+not_a_function = 3
+"""
+
+
+def test_judge_fn_plugs_in_a_judge_of_your_own(tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_judges.py").write_text(JUDGE_MODULE)
+    args = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2]
+    rc, _, err = cli(*args, "--judge-fn", "my_judges:judge", cwd=work)  # found in the working directory
+    assert rc == 0, err
+    records = ugb.load_result_records(folder / "results.jsonl")
+    assert len(records) == 6 and all(r["scores"] == [1] * len(r["checkpoints"]) for r in records)
+    (texts, sizes), = [json.loads(line) for line in (work / "calls.jsonl").read_text().splitlines()]
+    assert texts == [ugb.judge_prompt(p) for p in prompts for _ in range(2)] and sizes == [[16, 16]] * 6
+    for spec, culprit in [("nowhere:judge", "No module named 'nowhere'"), ("my_judges", "module:function"),
+                          ("my_judges:missing", "has no attribute 'missing'"),
+                          ("my_judges:not_a_function", "not a function"),
+                          ("my_judges:wrong_count", "returned 0 replies for 6 images, not one each")]:
+        rc, _, err = cli(*args, "--results", folder / "other.jsonl", "--judge-fn", spec, cwd=work)
+        assert_one_line_error(rc, err, f"--judge-fn {spec}", culprit)
+        assert not (folder / "other.jsonl").exists() or not (folder / "other.jsonl").read_text()
+    assert "toy_world" not in (HERE / "unigenbench.py").read_text()  # the demo plugs in the same way
+
+
+BAD_FLAGS = {"generate": [("--n", -1), ("--steps", 0), ("--steps", -3), ("--batch-size", 0), ("--resolution", 100000),
+                          ("--resolution", 8), ("--seed", -1), ("--guidance", "nan"), ("--max-sequence-length", 0)],
+             "evaluate": [("--chunk", -1), ("--chunk", 0), ("--n", -2), ("--judge-retries", -1), ("--judge-timeout", 0),
+                          ("--judge-workers", 0), ("--judge-max-tokens", 0), ("--judge-temperature", -1)]}
+
+
+@pytest.mark.parametrize("command, flag, value", [(c, f, v) for c, bad in BAD_FLAGS.items() for f, v in bad])
+def test_every_flag_is_range_checked_as_it_is_parsed(command, flag, value, tmp_path):
+    required = (["--model", "nowhere/none", "--out", tmp_path / "out"] if command == "generate" else
+                ["--images", tmp_path, "--judge-url", "http://127.0.0.1:9/v1"])
+    rc, _, err = cli(command, *required, flag, value)
+    assert_one_line_error(rc, err, f"argument {flag}:", str(value))
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["--out a file", "--lora a file", "--lora missing", "--prompts a folder",
+                                  "--results a folder", "--images a file", "report of a folder"])
+def test_bad_paths_are_one_line_before_any_model_loads(case, hub_cache, tmp_path):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    (afile := tmp_path / "a-file").write_text("x")
+    generate = ["generate", "--model", HUB_IDS["flux"], "--out", tmp_path / "out", "--prompts", prompt_file]
+    evaluate = ["evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-local", "nowhere/none"]
+    args, culprits = {  # a model loaded first would fail or take time; the path is named before that
+        "--out a file": (generate[:4] + [afile] + generate[5:], ["--out", "is a file"]),
+        "--lora a file": (generate + ["--lora", afile], ["--lora", "pytorch_lora_weights.safetensors"]),
+        "--lora missing": (generate + ["--lora", tmp_path / "nowhere"], ["--lora", "nowhere"]),
+        "--prompts a folder": (generate[:-1] + [tmp_path], ["--prompts", "a folder"]),
+        "--results a folder": (evaluate + ["--results", tmp_path], ["--results", "is a folder"]),
+        "--images a file": (evaluate[:2] + [afile] + evaluate[3:], ["--images", "not a folder"]),
+        "report of a folder": (["report", folder], ["report", "is a folder"])}[case]
+    started = time.monotonic()
+    rc, _, err = cli(*args, env=offline_env(hub_cache))
+    assert_one_line_error(rc, err, *culprits)
+    assert time.monotonic() - started < 20 and not (tmp_path / "out").exists() or case == "--out a file"
+
+
+def test_a_read_only_results_file_is_refused_before_the_judge_loads(tmp_path, monkeypatch):
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    for results in (folder / "results.jsonl", folder / "new" / "results.jsonl"):  # read-only file, read-only folder
+        readonly = results if results.parent == folder else folder
+        (results.write_text("") if readonly == results else None, readonly.chmod(0o555))
+        if os.access(readonly, os.W_OK):  # root writes anyway: answer as the kernel answers every other user
+            monkeypatch.setattr(os, "access", lambda p, mode, real=os.access: real(p, mode) and Path(p) != readonly)
+        with pytest.raises(SystemExit) as e:
+            ugb.main(["evaluate", "--images", str(folder), "--prompts", str(prompt_file), "--n", "2", "--judge-local",
+                      "nowhere/none", "--results", str(results)])
+        assert f"--results {results}: cannot write there ({readonly} is read-only)" in str(e.value)
+        readonly.chmod(0o755)
+        monkeypatch.undo()
+
+
+def test_report_refuses_a_results_file_holding_two_prompt_sets(tmp_path):
+    two_sets = [dict(HAND_MADE[0], prompt_set="aaa", expected=1), dict(HAND_MADE[2], prompt_set="bbb", expected=1)]
+    mixed = write_results(tmp_path / "run" / "results.jsonl", two_sets)
+    rc, _, err = cli("report", mixed)
+    assert_one_line_error(rc, err, mixed, "2 prompt sets (aaa, bbb)")
+    assert not (tmp_path / "run" / "report.md").exists()
+
+
 # ------------------------------------------------------------------------------------ end to end: tiny models
+@pytest.mark.parametrize("device, flag, dtype", [("cuda", "fp16", "float16"), ("cuda", "bf16", "bfloat16"),
+                                                 ("cpu", "fp16", "float32"), ("cpu", "bf16", "float32")])
+def test_generation_dtype_is_the_official_fp16_on_cuda(device, flag, dtype):
+    assert ugb.generation_dtype(device, flag) == dtype
+
+
 def test_generate_uses_the_official_settings(tmp_path, monkeypatch):
     import pref_grpo
+    import torch
 
     calls = []
-    monkeypatch.setattr(pref_grpo, "load_pipeline", lambda model: calls.append(model) or object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice made on a GPU machine, checked here
+    monkeypatch.setattr(pref_grpo, "load_pipeline", lambda *a: calls.append(a) or object())
     monkeypatch.setattr(pref_grpo, "generate_images", lambda pipe, prompts, seeds, **kw: calls.append((seeds, kw))
                         or [Image.new("RGB", (8, 8))] * len(prompts))
     prompts = ugb.load_prompts()[:3]
@@ -552,12 +719,18 @@ def test_generate_uses_the_official_settings(tmp_path, monkeypatch):
     settings = json.loads((tmp_path / "dev" / "generate.json").read_text())
     assert {k: settings[k] for k in ("resolution", "steps", "guidance", "seed", "max_sequence_length", "n")} == dict(
         resolution=1024, steps=30, guidance=3.5, seed=3407, max_sequence_length=512, n=4)
-    assert settings["prompt_set"] == "prompts.jsonl" or settings["prompt_set"] == "?"
+    assert settings["prompt_set"] in ("prompts.jsonl", "?") and settings["dtype"] == "fp16"
+    assert calls[0] == ("black-forest-labs/FLUX.1-dev", "cuda", torch.float16)  # as the official inference
     (seeds_1, kw), (seeds_2, _) = calls[1], calls[2]
     assert seeds_1 + seeds_2 == [3407, 3408, 3409, 3410] * 3  # seed 3407 + j, the same for every prompt
     assert kw == dict(steps=30, resolution=1024, guidance=3.5, shift=None, max_sequence_length=512, batch_size=8)
     calls.clear()
+    ugb.generate(prompts[:1], tmp_path / "bf16", "black-forest-labs/FLUX.1-dev", n=1, dtype="bf16")
+    assert calls[0] == ("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16)
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ugb.generate(prompts[:1], tmp_path / "tiny", "tiny", n=1)
+    assert calls[0] == ("tiny", "cpu", torch.float32)
     assert calls[1][1]["steps"] == 4 and calls[1][1]["resolution"] == 32
 
 
@@ -607,7 +780,7 @@ def test_hub_ids_load_offline_from_the_cache_as_a_user_runs_them(hub_cache, tmp_
                      "--resolution", 32, "--steps", 2, env=env)
     assert rc == 0 and (out / "0_0.png").exists(), err
     rc, out_text, err = cli("evaluate", "--images", out, "--prompts", prompt_file, "--n", 1, "--judge-local",
-                            HUB_IDS["ugb_judge"], "--max-tokens", 8, env=env)
+                            HUB_IDS["ugb_judge"], "--judge-max-tokens", 8, env=env)
     assert rc == 0 and "Traceback" not in err, err
     (r,) = ugb.read_results(out / "results.jsonl").values()  # one attempt: greedy decoding would only repeat itself
     assert r["attempts"] == 1 and isinstance(r["reply"], str) and r["file"] == "0_0.png"
@@ -635,6 +808,22 @@ def test_runs_as_a_single_file_beside_pref_grpo(judge_server, tmp_path):
     assert (alone / "run" / "report.md").exists() and "import mllm" not in script.read_text()
 
 
+def test_evaluate_and_report_need_neither_torch_nor_pref_grpo(judge_server, tmp_path):
+    alone = tmp_path / "alone"  # unigenbench.py alone, and a torch that fails on import: neither is needed
+    alone.mkdir()
+    shutil.copy(HERE / "unigenbench.py", alone / "unigenbench.py")
+    (alone / "torch.py").write_text("raise ImportError('torch was imported')\n")
+    prompts, folder, prompt_file = make_bench(tmp_path / "images")
+    env, script = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, alone / "unigenbench.py"
+    rc, _, err = cli("evaluate", "--images", folder, "--prompts", prompt_file, "--n", 2, "--judge-url", judge_server.url,
+                     cwd=alone, env=env, script=script)
+    assert rc == 0 and len(ugb.read_results(folder / "results.jsonl")) == 6, err
+    rc, out, err = cli("report", folder / "results.jsonl", cwd=alone, env=env, script=script)
+    assert rc == 0 and "| 6/6 (100.0%) |" in out, err
+    rc, _, err = cli("generate", "--model", "tiny", "--out", tmp_path / "out", cwd=alone, env=env, script=script)
+    assert_one_line_error(rc, err, "--prompts", "prompts.jsonl: no such file", "beside unigenbench.py")
+
+
 def test_help_shows_examples_and_every_flag_has_a_help_with_its_default():
     rc, out, _ = cli("--help")
     assert rc == 0 and "python unigenbench.py generate --model black-forest-labs/FLUX.1-dev" in out
@@ -646,6 +835,6 @@ def test_help_shows_examples_and_every_flag_has_a_help_with_its_default():
         blocks = re.split(r"\n  (?=-)", out.split("options:")[1])[1:]
         for block in blocks:
             if not block.startswith("-h"):
-                assert "default:" in block or "required" in block, block
+                assert ("default:" in block or "required" in block) and block.count("default:") <= 1, block
     assert "{png,jpg,jpeg,webp}" in cli("evaluate", "--help")[1]
     assert len((HERE / "unigenbench.py").read_text().splitlines()) <= 700
