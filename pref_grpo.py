@@ -963,7 +963,8 @@ def velocity(pipe, x, sigma, cond: dict, img_ids, guidance: float, cfg_scale: fl
     embeds = cond["embeds"]
     dtype = (embeds[0] if isinstance(embeds, list) else embeds).dtype  # not transformer.dtype: a walk of its modules
     kwargs = dict(hidden_states=x.to(dtype), encoder_hidden_states=embeds, return_dict=False)
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
+    half = dtype if dtype == torch.float16 else torch.bfloat16  # fp16 weights (UniGenBench) compute in fp16
+    with torch.autocast("cuda", half, enabled=x.device.type == "cuda"):
         if fam == "sd3":
             return transformer(timestep=1000 * t, pooled_projections=cond["pooled"], **kwargs)[0]
         if fam == "qwen":  # the mask only where a row has padding, as the pipeline passes it
