@@ -723,7 +723,8 @@ def test_generate_uses_the_official_settings(tmp_path, monkeypatch):
     assert calls[0] == ("black-forest-labs/FLUX.1-dev", "cuda", torch.float16)  # as the official inference
     (seeds_1, kw), (seeds_2, _) = calls[1], calls[2]
     assert seeds_1 + seeds_2 == [3407, 3408, 3409, 3410] * 3  # seed 3407 + j, the same for every prompt
-    assert kw == dict(steps=30, resolution=1024, guidance=3.5, shift=None, max_sequence_length=512, batch_size=8)
+    assert kw == dict(steps=30, resolution=1024, guidance=3.5, shift=None, max_sequence_length=512, batch_size=8,
+                      cfg_scale=1.0)  # FLUX.1: no true CFG, as officially
     calls.clear()
     ugb.generate(prompts[:1], tmp_path / "bf16", "black-forest-labs/FLUX.1-dev", n=1, dtype="bf16")
     assert calls[0] == ("black-forest-labs/FLUX.1-dev", "cuda", torch.bfloat16)

@@ -295,7 +295,6 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
         served = []  # a reachable server with an odd /models reply is still usable
     if served and model not in served:
         sys.exit(scrub(f"error: --judge-model {model!r} is not served by {url}; it serves: {', '.join(served)}", key_env))
-
     def ask(text, image, n, stop):  # up to 1 + `retries` POSTs until a reply parses (official: 11)
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=95)
@@ -320,7 +319,6 @@ def server_judge(url: str, model: str = "QwenVL", *, key_env: str = "OPENAI_API_
             backoff = min(RETRY_BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S) if reply is None else 0  # let it recover
             if scores is not None or not retriable or attempt > retries or stop.wait(backoff):
                 return reply, scores, analysis, scrub(error, key_env) if error else None, attempt
-
     def judge(requests, pool=ThreadPoolExecutor(max(1, workers))):  # one pool for the judge's life
         stop = threading.Event()
         futures = {pool.submit(ask, *r, stop): i for i, r in enumerate(requests)}
@@ -339,7 +337,6 @@ def function_judge(flag: str, spec: str, max_tokens: int = 4096):
     if flag == "--judge-local":
         import pref_grpo  # late import: torch and transformers load slowly, and the other judges do not need them
         vlm = pref_grpo.load_local_vlm(spec, what=flag)
-
         def fn(texts, images):
             return pref_grpo.local_chat(vlm, [(t, [i]) for t, i in zip(texts, images)], max_tokens=max_tokens)
     else:
@@ -381,7 +378,7 @@ def check_writable(path: Path, flag: str, folder: bool = False) -> None:
 
 def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, n: int = 4, lora: str | None = None,
              steps: int | None = None, resolution: int | None = None, guidance: float = 3.5, batch_size: int = 4,
-             seed: int = 3407, max_sequence_length: int = 512, dtype: str = "fp16") -> int:
+             seed: int = 3407, max_sequence_length: int = 512, dtype: str = "fp16", cfg_scale: float = 1.0) -> int:
     """OUT/{index}_{j}.png for each prompt and j < n not there yet, image j with seed `seed + j` (as the official)."""
     steps, resolution = steps or (4 if model == "tiny" else 30), resolution or (32 if model == "tiny" else 1024)
     check_writable(out := Path(out), "--out", folder=True)
@@ -389,8 +386,9 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
         sys.exit(f"error: --lora {lora}: not a checkpoint folder holding pytorch_lora_weights.safetensors")
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(model=model, lora=str(Path(lora).resolve()) if lora else None, steps=steps, resolution=resolution,
-                    guidance=guidance, seed=seed, max_sequence_length=max_sequence_length, shift="the model's own",
-                    n=n, prompts=prompts_fingerprint(prompts), prompt_set=getattr(prompts, "name", "?"), dtype=dtype)
+                    guidance=guidance, cfg_scale=cfg_scale, seed=seed, max_sequence_length=max_sequence_length,
+                    shift="the model's own", dtype=dtype, n=n, prompts=prompts_fingerprint(prompts),
+                    prompt_set=getattr(prompts, "name", "?"))
     old = json.loads((out / "generate.json").read_text()) if (out / "generate.json").exists() else {}
     if (changed := [k for k in settings if old and k not in ("n", "prompt_set") and old.get(k) != settings[k]]) and any(
             out.glob("*.png")):  # resuming would silently blend two runs
@@ -410,7 +408,7 @@ def generate(prompts: list[BenchPrompt], out: str | os.PathLike, model: str, *, 
         chunk = todo[start:start + batch_size]
         images = pref_grpo.generate_images(pipe, [p.prompt for p, _ in chunk], [seed + j for _, j in chunk],
                                            steps=steps, resolution=resolution, guidance=guidance, shift=None,
-                                           max_sequence_length=max_sequence_length, batch_size=len(chunk))
+                                           max_sequence_length=max_sequence_length, batch_size=len(chunk), cfg_scale=cfg_scale)
         for (p, j), image in zip(chunk, images):  # via a .part file: a kill never leaves a truncated PNG behind
             image.save(part := f"{image_path(out, p.index, j)}.part", format="PNG")
             os.replace(part, image_path(out, p.index, j))
@@ -639,11 +637,12 @@ def main(argv: list[str] | None = None) -> None:
     for p in parser, g, e, r:  # a bad flag: one line, not a usage block
         p.error = lambda message, p=p: sys.exit(f"error: {p.prog}: {message} (see --help)")
     add_flags(g, [
-        ("--model", "required", 'FLUX or SD3 hub id or folder (black-forest-labs/FLUX.1-dev); "tiny": a smoke test'),
+        ("--model", "required", "FLUX.1, SD3, Qwen-Image, Z-Image or FLUX.2 [klein] hub id or folder; tiny: a test"),
         ("--out", "required", "folder for the images and generate.json"), ("--lora", None, "trained LoRA checkpoint folder"),
         ("--resolution", None, "image side; default: 1024 (official), 32 with tiny", {"type": int}, "[16,8192]"),
         ("--steps", None, "sampling steps; default: 30 (official), 4 with tiny", {"type": int}, "[1,inf)"),
-        ("--guidance", 3.5, "FLUX guidance (official)", "[0,inf)"), ("--max-sequence-length", 512, "T5 tokens", "[1,512]"),
+        ("--guidance", 3.5, "FLUX.1 guidance (official)", "[0,inf)"), ("--max-sequence-length", 512, "T5 tokens", "[1,512]"),
+        ("--cfg-scale", 1.0, "true classifier-free guidance; 1: off (FLUX.1, official)", "[1,inf)"),
         ("--seed", 3407, "image j: SEED + j (official)", "[0,4294967295]"), ("--batch-size", 4, "images a call", "[1,inf)"),
         ("--dtype", "fp16", "on CUDA: fp16 as the official inference, or bf16 (CPU: float32)",
          {"choices": ("fp16", "bf16")})])
@@ -677,7 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "generate":
             generate(load_prompts(args.prompts), args.out, args.model, **{k: getattr(args, k) for k in (
-                "n", "lora", "steps", "resolution", "guidance", "batch_size", "seed", "max_sequence_length", "dtype")})
+                "n", "lora", "steps", "resolution", "guidance", "batch_size", "seed", "max_sequence_length", "dtype",
+                "cfg_scale")})
         elif args.command == "evaluate":
             prompts, results = load_prompts(args.prompts), Path(args.results or Path(args.images) / "results.jsonl")
             check_images(args.images, prompts, args.n, args.image_suffix)  # before a judge model takes minutes to load
