@@ -306,3 +306,17 @@ def test_an_unknown_pipeline_class_is_a_one_line_error_naming_the_supported_fami
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
     for name in ("DDPMPipeline", "Qwen-Image", "Z-Image", "FLUX.2 [klein]", "Flux2KleinPipeline"):
         assert name in errors[0]
+
+
+def test_the_official_qwen_image_runs_are_presets():
+    """scripts/full_train/ur_think_prefgrpo_qwenimage.sh and scripts/lora/lora_ur_think_prefgrpo_qwenimage.sh (3e787f6):
+    the FLUX HEAD recipe (_common_finetune.sh) on Qwen/Qwen-Image, 20 sampling steps; LoRA 64/128 at lr 1e-4."""
+    head = pg.parse_args(["--preset", "pref-grpo-flux-head"])
+    for name, full, lr in [("pref-grpo-qwen-image", True, 1e-5), ("pref-grpo-qwen-image-lora", False, 1e-4)]:
+        a = pg.parse_args(["--preset", name])
+        assert (a.model, a.sample_steps, a.full, a.lr) == ("Qwen/Qwen-Image", 20, full, lr)
+        assert (a.pref_weight, a.clip_weight, a.rationorm, a.gdpo, a.judge_prompt) == (
+            0.4, 0.6, True, True, "unifiedreward-think-qwen3vl")
+        assert (a.resolution, a.eta, a.group_size, a.prompts_per_step, a.accum, a.train_fraction, a.shift) == (
+            head.resolution, head.eta, head.group_size, head.prompts_per_step, head.accum, head.train_fraction, 3.0)
+        assert full or (a.lora_rank, a.lora_alpha) == (64, 128.0)
