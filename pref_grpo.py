@@ -67,7 +67,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 class Args:
     # --- model and data
     model: str | None = None
-    """hub id or folder: FLUX.1, SD3, Qwen-Image, Z-Image, FLUX.2 [klein]; tiny, tiny-sd3: random; or module:function"""
+    """hub id or folder: FLUX.1, SD3, Qwen-Image, Z-Image, FLUX.2 [klein]; tiny: a random FLUX; or module:function"""
     preset: str | None = None
     """a recipe's values under the flags given: a name in PRESETS or module:NAME (a dict); tiny models: tiny"""
     prompts: str | None = None
@@ -122,14 +122,12 @@ class Args:
     """the reward server's served model name (with --judge-url), else a Qwen-VL hub id or folder run in this process"""
     judge_url: str | None = None
     """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
-    judge_mode: Literal["generate", "logits"] = "generate"
-    """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
     judge_prompt: Literal["unifiedreward-think", "unifiedreward-think-qwen3vl"] = "unifiedreward-think"
     """the judge's prompt as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
     """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
-    """reply length limit in generate mode (official: 2048)"""
+    """the judge's reply length limit in tokens (official: 2048)"""
     judge_image_size: int = 0
     """shrink images to this longer side before judging; 0: their own size (official)"""
     judge_workers: int = 32
@@ -331,7 +329,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         base = {k: v for k, v in base.items() if k in values and k != "resume"}
     preset = given.get("preset", base.get("preset"))
     if preset is None and not base:  # tiny models get theirs; no model at all: the demo
-        preset = "tiny" if given.get("model") in ("tiny", "tiny-sd3") else None if "model" in given else DEMO_PRESET
+        preset = "tiny" if given.get("model") == "tiny" else None if "model" in given else DEMO_PRESET
     preset_set = preset_values(preset, "preset" in given) if preset and not base else {}
     args = Args(**{**values, **preset_set, **base, **given, "preset": preset})
     args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
@@ -503,10 +501,6 @@ UNIFIEDREWARD_THINK_QWEN3VL_PROMPT = (
     "images.\n        ")
 JUDGE_PROMPTS = {"unifiedreward-think": UNIFIEDREWARD_THINK_PROMPT,
                  "unifiedreward-think-qwen3vl": UNIFIEDREWARD_THINK_QWEN3VL_PROMPT}
-# Logits mode (ours, not a trained format): the reply prefilled with a neutral <think> block and the answer up to the
-# image number, so one forward pass gives P("1") vs P("2"). The trailing space: Qwen tokenizes space and digit apart.
-LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
-                 "and added up the totals.\n</think>\n<answer>Image ")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -736,19 +730,16 @@ def tiny_tokenizer(max_length: int = 16):
                                    model_max_length=max_length)
 
 
-def tiny_pipeline(model: str = "tiny", seed: int = 0):
-    """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
-    2-level VAE with 4 latent channels, CLIP (SD3: two) and T5. A random VAE decoder maps every latent to nearly one
-    colour, so it is made close to linear: the latent's colour shows and the colour judge has something to judge."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+def tiny_pipeline(seed: int = 0):
+    """FLUX at toy size with random weights: the real classes, 2 transformer blocks, a 2-level VAE with 4 latent
+    channels, CLIP and T5. A random VAE decoder maps every latent to nearly one colour, so it is made close to linear:
+    the latent's colour shows and the colour judge has something to judge."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     torch.manual_seed(seed)
-    vocab, sd3 = len(tiny_tokenizer()), model == "tiny-sd3"
-    clip = CLIPTextConfig(vocab_size=vocab, projection_dim=32, **TINY_CLIP_TEXT)
-    # SD3 lays the two CLIPs' token features side by side and pads them to T5's width: T5 must be >= 2 x 32 wide
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64 if sd3 else 32, d_kv=16, d_ff=64, num_layers=2,
-                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vocab = len(tiny_tokenizer())
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
@@ -759,23 +750,14 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                 p.zero_()
         vae.decoder.conv_norm_out.weight.fill_(0.3)
         vae.decoder.conv_out.weight.mul_(20.0)  # 0.3 x 20 = 6: strong enough to reach saturated colours
-    parts = dict(vae=vae, tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
-    if sd3:
-        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                            attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                            joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
-                                            dual_attention_layers=(0,), qk_norm="rms_norm")
-        return StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder_3=t5,
-            text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
-            tokenizer_3=tiny_tokenizer(), **parts)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(transformer=transformer, scheduler=scheduler, text_encoder=CLIPTextModel(clip),
-                        text_encoder_2=t5, **parts)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, projection_dim=32, **TINY_CLIP_TEXT))
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
 
 
 FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen",
@@ -815,11 +797,10 @@ def check_model_name(name: str, what: str) -> None:
 
 
 def load_pipeline(model: str, device=None, dtype=None):
-    """`tiny`, `tiny-sd3`, or a pipeline of a family in FAMILIES (hub id or folder) on `device`, frozen (training
-    unfreezes)."""
+    """`tiny` or a pipeline of a family in FAMILIES (hub id or folder) on `device`, frozen (training unfreezes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model in ("tiny", "tiny-sd3"):
-        pipe = tiny_pipeline(model)
+    if model == "tiny":
+        pipe = tiny_pipeline()
     else:
         from diffusers import DiffusionPipeline
         check_model_name(model, "--model")
@@ -1070,9 +1051,8 @@ def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, extract,
-              retry_seconds: float = 60.0):
-    """POST with retries; (extract(reply) or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
+def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, retry_seconds: float = 60.0):
+    """POST a chat request with retries; (the reply's text or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
     429 and cut-off JSON are retried with jittered, capped exponential backoff until `retries` or `retry_seconds` after
     the first failure run out; other 4xx and replies that are not JSON (a web page) are not. Never raises."""
     error, first_failure = None, None
@@ -1084,13 +1064,14 @@ def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: i
             if "json" not in kind and not body.lstrip().startswith(b"{"):
                 return None, attempt + 1, f"the reply is not JSON ({kind}, {not_json(body)}): not an OpenAI API"
             try:
-                data = json.loads(body)
+                text = json.loads(body)["choices"][0]["message"]["content"]
             except ValueError:
                 raise ValueError(f"cut-off or invalid JSON ({not_json(body)})") from None
-            try:
-                return extract(data), attempt + 1, None
-            except (LookupError, TypeError, AttributeError) as e:
+            except (LookupError, TypeError) as e:
                 raise ValueError(f"JSON that is not an OpenAI chat completion ({type(e).__name__}: {e})") from None
+            if not isinstance(text, str):
+                raise ValueError("JSON that is not an OpenAI chat completion (its message content is not text)")
+            return text, attempt + 1, None
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
             if e.code < 500 and e.code not in (408, 429):
@@ -1105,33 +1086,11 @@ def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: i
     return None, retries + 1, error
 
 
-def reply_text(data: dict) -> str:
-    text = data["choices"][0]["message"]["content"]
-    if not isinstance(text, str):
-        raise TypeError("message content is not a string")
-    return text
-
-
-def answer_prob(data: dict) -> float | None:
-    """Logits mode over a server: p1 / (p1 + p2) from the top log-probs of the first generated token that is not
-    whitespace (a server may trim the prefill's trailing space; the model then writes it first)."""
-    try:
-        for step in data["choices"][0]["logprobs"]["content"]:
-            top = [(t["token"].strip(), math.exp(t["logprob"])) for t in step["top_logprobs"]]
-            if step["token"].strip() or not top:
-                p1, p2 = (sum(p for tok, p in top if tok == d) for d in "12")  # a digit not listed counts as 0
-                return p1 / (p1 + p2) if p1 + p2 > 0 else None
-    except (LookupError, TypeError, ValueError, OverflowError):
-        pass  # a server that returns no (usable) log-probs: a failed judgment, not worth a retry
-    return None
-
-
 def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: str, *, max_tokens: int,
-                workers: int, timeout: float, retries: int, key_env: str, max_side: int = 0, prefill: str | None = None,
-                extract=reply_text, extra: dict | None = None, retry_seconds: float = 60.0) -> tuple[list, dict]:
-    """One chat completion per (text, images) request, images first, many in flight. Returns extract(reply) per
-    request (None: failed after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server,
-    as the official clients leave it."""
+                workers: int, timeout: float, retries: int, key_env: str, max_side: int = 0,
+                retry_seconds: float = 60.0) -> tuple[list, dict]:
+    """One chat completion per (text, images) request, images first, many in flight. Returns each reply (None: failed
+    after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server, as officially."""
     endpoint, headers = url.rstrip("/") + "/chat/completions", http_headers(key_env)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         unique = {id(im): im for _, ims in requests for im in ims}  # a pair judged twice shares its images
@@ -1140,10 +1099,8 @@ def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: 
         for text, ims in requests:
             content = [{"type": "image_url", "image_url": {"url": urls[id(im)]}} for im in ims]
             messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-            messages += [{"role": "assistant", "content": prefill}] if prefill is not None else []
-            payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens, **(extra or {})})
-        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract, retry_seconds),
-                                payloads))
+            payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens})
+        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, retry_seconds), payloads))
     errors = [scrub(r[2], key_env) for r in results if r[0] is None and r[2]]
     return [r[0] for r in results], {"failed": sum(r[0] is None for r in results),
                                      "attempts": sum(r[1] for r in results), "errors": errors}
@@ -1173,43 +1130,22 @@ def load_local_vlm(name: str, device=None, dtype=None, what: str = "--judge-mode
     return model, processor
 
 
-def vlm_inputs(vlm: tuple, requests, prefill: str = ""):
-    """A padded batch; the prefill is appended to the rendered prompt (not continue_final_message): nothing trims it."""
-    model, processor = vlm
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
-        tokenize=False, add_generation_prompt=True) + prefill for text, ims in requests]
-    images = [im.convert("RGB") for _, ims in requests for im in ims] or None
-    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
-
-
 def local_chat(vlm: tuple, requests, *, max_tokens: int = 2048, batch_size: int = 8) -> list[str]:
-    """Greedy replies of an in-process VLM, `batch_size` requests per generate() call."""
+    """Greedy replies of an in-process VLM, `batch_size` (text, images) requests per generate() call."""
     model, processor = vlm
     replies = []
     for i in range(0, len(requests), batch_size):
-        inputs = vlm_inputs(vlm, requests[i:i + batch_size])
+        batch = requests[i:i + batch_size]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
+            tokenize=False, add_generation_prompt=True) for text, ims in batch]
+        images = [im.convert("RGB") for _, ims in batch for im in ims] or None
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=processor.tokenizer.pad_token_id)
         replies += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return replies
-
-
-def local_answer_probs(vlm: tuple, requests, batch_size: int = 8) -> list[float]:
-    """Logits mode in process: P(first image better) = p1 / (p1 + p2) at the token after LOGITS_PREFIX."""
-    model, processor = vlm
-    base = processor.tokenizer.encode(LOGITS_PREFIX, add_special_tokens=False)
-    ids = [processor.tokenizer.encode(LOGITS_PREFIX + d, add_special_tokens=False)[len(base):] for d in "12"]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("the judge's tokenizer does not write '1' and '2' as single tokens after LOGITS_PREFIX")
-    probs = []
-    for i in range(0, len(requests), batch_size):
-        inputs = vlm_inputs(vlm, requests[i:i + batch_size], prefill=LOGITS_PREFIX)
-        with torch.inference_mode():  # left padding: the last position is every row's next token
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        probs += torch.sigmoid(logits[:, ids[0][0]] - logits[:, ids[1][0]]).tolist()  # = p1 / (p1 + p2), stable
-    return probs
 
 
 def user_function(spec: str, flag_name: str, pairwise: bool):
@@ -1247,7 +1183,7 @@ def make_judge(args: Args):
         return user_function(args.scorer_fn, "--scorer-fn", pairwise=False)
     if args.judge_fn:
         return user_function(args.judge_fn, "--judge-fn", pairwise=True)
-    url, key_env, generate = args.judge_url, args.judge_api_key_env, args.judge_mode == "generate"
+    url, key_env = args.judge_url, args.judge_api_key_env
     if not url and args.judge_model == Args.judge_model:  # a served name, not a model to load here
         sys.exit(f"error: no judge: pass --judge-url (a reward server serving {args.judge_model}), --judge-model (a "
                  "Qwen-VL hub id or folder, run in this process) or --judge-fn module:function")
@@ -1259,9 +1195,6 @@ def make_judge(args: Args):
     transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
                      retry_seconds=args.judge_retry_seconds, key_env=key_env, max_side=args.judge_image_size,
                      max_tokens=args.judge_max_tokens)
-    if not generate:  # max_tokens 2: room for a space the server trimmed off the prefill
-        transport.update(max_tokens=2, prefill=LOGITS_PREFIX, extract=answer_prob, extra={
-            "logprobs": True, "top_logprobs": 20, "add_generation_prompt": False, "continue_final_message": True})
 
     def judge(prompts, firsts, seconds):
         start = time.perf_counter()
@@ -1270,9 +1203,8 @@ def make_judge(args: Args):
         if url:
             replies, stats = server_chat(requests, url, args.judge_model, **transport)
         else:
-            replies = (local_chat(vlm, requests, max_tokens=args.judge_max_tokens) if generate
-                       else local_answer_probs(vlm, requests))
-        probs = [parse_verdict(r) for r in replies] if generate else replies
+            replies = local_chat(vlm, requests, max_tokens=args.judge_max_tokens)
+        probs = [parse_verdict(r) for r in replies]
         unparsed = [r for p, r in zip(probs, replies) if p is None and r is not None]
         if stats["errors"]:
             tqdm.write(f"judge server: {len(stats['errors'])}/{len(requests)} requests failed after retries "
@@ -1733,7 +1665,7 @@ def start_run(args: Args, judge=None) -> Run:
     device, rank, world, own = start_processes(args)
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run = Run(args, run_folder(args, ckpt, rank, world), device, rank, world, own)
-    if args.model not in ("tiny", "tiny-sd3") and (":" not in args.model or os.path.exists(args.model)):
+    if args.model != "tiny" and (":" not in args.model or os.path.exists(args.model)):
         check_model_name(args.model, "--model")
     if not args.prompts:
         sys.exit("error: --prompts is required for this model (a text or JSON lines file of training prompts)")
