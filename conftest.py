@@ -24,9 +24,10 @@ HUB_IDS = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-di
            "ugb_judge": "CodeGoat24/UniGenBench-EvalModel-qwen3vl-32b-v1"}
 
 
-def tiny_vlm(seed: int = 0) -> tuple:
+def tiny_vlm(seed: int = 0, verdict: str | None = None) -> tuple:
     """A tiny random Qwen2.5-VL (model, processor) built offline: a byte-level BPE tokenizer trained in memory with
-    Qwen's split rules and special tokens, a Qwen-format chat template, 56x56 images (4 vision tokens each)."""
+    Qwen's split rules and special tokens, a Qwen-format chat template, 56x56 images (4 vision tokens each).
+    `verdict`: a text it answers every time (one added token, biased to win each step), so a run gets verdicts."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil)
@@ -38,7 +39,7 @@ def tiny_vlm(seed: int = 0) -> tuple:
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([pg.UNIFIEDREWARD_THINK_PROMPT, pg.LOGITS_PREFIX, "You are a helpful assistant."],
+    bpe.train_from_iterator([pg.UNIFIEDREWARD_THINK_PROMPT, "You are a helpful assistant."],
                             trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
@@ -49,6 +50,7 @@ def tiny_vlm(seed: int = 0) -> tuple:
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         padding_side="left", chat_template=template)
+    tokenizer.add_tokens([verdict] if verdict else [])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
 
     class ImageOnlyProcessor(Qwen2_5_VLProcessor):  # no torchvision here: no video processor
@@ -72,7 +74,29 @@ def tiny_vlm(seed: int = 0) -> tuple:
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
+    if verdict:
+        model.generation_config.sequence_bias = [[[tokenizer.convert_tokens_to_ids(verdict)], 100.0]]
     return model, processor
+
+
+def tiny_sd3(seed: int = 0):
+    """A tiny random SD3.5 (MMDiT-X: a dual-attention layer, RMS q/k norm) with two CLIPs and T5, on the tiny FLUX's
+    near-linear VAE and word-level tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    flux, vocab = pg.tiny_pipeline(seed), len(pg.tiny_tokenizer())
+    clip = CLIPTextConfig(vocab_size=vocab, projection_dim=32, **pg.TINY_CLIP_TEXT)
+    # SD3 lays the two CLIPs' token features side by side and pads them to T5's width: T5 must be >= 2 x 32 wide
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=flux.vae,
+        text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
+        text_encoder_3=t5, **{k: pg.tiny_tokenizer() for k in ("tokenizer", "tokenizer_2", "tokenizer_3")})
 
 
 def save_vlm(vlm: tuple, folder: Path) -> None:
@@ -95,9 +119,9 @@ def snapshot(cache: Path, repo_id: str) -> Path:
 def hub_cache(tmp_path_factory) -> Path:
     """A Hugging Face cache with the tiny models saved under the real hub ids. Use it with offline_env()."""
     cache = tmp_path_factory.mktemp("hf-cache")
-    pg.tiny_pipeline("tiny").save_pretrained(snapshot(cache, HUB_IDS["flux"]))
-    pg.tiny_pipeline("tiny-sd3").save_pretrained(snapshot(cache, HUB_IDS["sd3"]))
-    save_vlm(tiny_vlm(), snapshot(cache, HUB_IDS["judge"]))
+    pg.tiny_pipeline().save_pretrained(snapshot(cache, HUB_IDS["flux"]))
+    tiny_sd3().save_pretrained(snapshot(cache, HUB_IDS["sd3"]))
+    save_vlm(tiny_vlm(verdict="<answer>Image 1 is better</answer>"), snapshot(cache, HUB_IDS["judge"]))
     save_vlm(tiny_vlm(seed=1), snapshot(cache, HUB_IDS["ugb_judge"]))
     model, tokenizer, images = pg.load_clip("tiny", "cpu", as_trained=True)  # the checkpoint as trained
     for part in (model, tokenizer, images):

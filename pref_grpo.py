@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import http.client
 import importlib
@@ -67,7 +66,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 class Args:
     # --- model and data
     model: str | None = None
-    """hub id or folder: FLUX.1, SD3, Qwen-Image, Z-Image, FLUX.2 [klein]; tiny, tiny-sd3: random; or module:function"""
+    """hub id or folder: FLUX.1, SD3, Qwen-Image, Z-Image, FLUX.2 [klein]; tiny: a random FLUX; or module:function"""
     preset: str | None = None
     """a recipe's values under the flags given: a name in PRESETS or module:NAME (a dict); tiny models: tiny"""
     prompts: str | None = None
@@ -122,14 +121,12 @@ class Args:
     """the reward server's served model name (with --judge-url), else a Qwen-VL hub id or folder run in this process"""
     judge_url: str | None = None
     """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
-    judge_mode: Literal["generate", "logits"] = "generate"
-    """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
     judge_prompt: Literal["unifiedreward-think", "unifiedreward-think-qwen3vl"] = "unifiedreward-think"
     """the judge's prompt as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
     """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
-    """reply length limit in generate mode (official: 2048)"""
+    """the judge's reply length limit in tokens (official: 2048)"""
     judge_image_size: int = 0
     """shrink images to this longer side before judging; 0: their own size (official)"""
     judge_workers: int = 32
@@ -249,9 +246,8 @@ def flag(name: str) -> str:
 
 
 def load_object(spec: str, flag_name: str, hint: str | None = None):
-    """`module:name` -> that object, the module imported from the working directory or the installed packages
-    (`pref_grpo` is this file, also when it runs as a script). How your own judge, scorer, metrics, prompts, preset or
-    model builder plug in without editing this file."""
+    """`module:name` -> that object, imported from the working directory or the installed packages (`pref_grpo`: this
+    file, also when run as a script). How your own judge, scorer, metrics, prompts, preset or model plug in."""
     module, _, name = spec.partition(":")
     if not module or not name.isidentifier():
         sys.exit(f"error: {flag_name} {spec!r}: expected module:name, e.g. my_rewards:prefer")
@@ -260,18 +256,17 @@ def load_object(spec: str, flag_name: str, hint: str | None = None):
     try:
         found = sys.modules[__name__] if module in ("pref_grpo", "__main__") else importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name != module.split(".")[0] and err.name != module:
+        if err.name not in (module, module.split(".")[0]):
             raise  # the module was found but lacks a dependency: its own traceback says which
-        sys.exit(f"error: {flag_name} {spec}: " + (hint or f"no module {module!r} in the working directory or the "
-                                                         "installed packages"))
+        where = hint or f"no module {module!r} in the working directory or the installed packages"
+        sys.exit(f"error: {flag_name} {spec}: {where}")
     if not hasattr(found, name):
         sys.exit(f"error: {flag_name} {spec}: module {module!r} has no {name!r}")
     return getattr(found, name)
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """One --flag per Args field, its docstring as help, grouped by the `# ---` comments; the presets in the epilog.
-    `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    """One --flag per Args field, its docstring as help; `suppress` leaves unset flags out (to tell the typed ones)."""
     presets = "\n".join(textwrap.fill(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()), 118,
                                        subsequent_indent="    ") for name, values in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -280,26 +275,25 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                f"Without --model, --preset or --resume: --preset {DEMO_PRESET}, the offline demo, whose values differ "
                "from the defaults above (see toy_world.py).")
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
-    fields, hints, docs, group = {f.name: f for f in dataclasses.fields(Args)}, get_type_hints(Args), {}, parser
-    for line in inspect.getsource(Args).splitlines():  # the docstring under each field, the group comment above it
+    fields, hints, group = {f.name: f.default for f in dataclasses.fields(Args)}, get_type_hints(Args), parser
+    source = inspect.getsource(Args).splitlines()
+    for line, doc in zip(source, source[1:]):  # a field's docstring is the line under it
         if m := re.match(r"\s+# --- (.+)", line):
-            group = parser.add_argument_group(m.group(1))
-        elif (m := re.match(r"\s+(\w+): ", line)) and m.group(1) in fields:
-            name, docs[m.group(1)] = m.group(1), [group, ""]
-        elif docs and line.strip():
-            docs[name][1] += " " + line.strip().strip('"')
-    for name, (group, doc) in docs.items():
-        hint, default = hints[name], fields[name].default
-        choices = get_args(hint) if get_origin(hint) is Literal else None
+            group = parser.add_argument_group(m[1])
+        if not ((m := re.match(r"\s+(\w+): ", line)) and m[1] in fields):
+            continue
+        hint, default, doc = hints[m[1]], fields[m[1]], doc.strip().strip('"')
         shown = "" if "default" in doc or default is None else f" (default: {default})"  # each default once
-        kw = dict(default=argparse.SUPPRESS if suppress else default, help=doc.strip() + shown)
+        kw = dict(default=argparse.SUPPRESS if suppress else default, help=doc + shown)
         if hint in (bool, bool | None):
             kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hint) is Literal:
+            kw["choices"] = get_args(hint)
         else:
-            base = str if choices else next(t for t in (int, float, str) if t in (hint, *get_args(hint)))
-            kw.update(choices=choices, type=base if type(None) not in get_args(hint) else
-                      lambda s, b=base: None if s.lower() == "none" else b(s))
-        group.add_argument(flag(name), **kw)
+            base = next(t for t in (int, float, str) if t in (hint, *get_args(hint)))
+            optional = type(None) in get_args(hint)  # `none` sets it to None
+            kw["type"] = (lambda s, b=base: None if s.lower() == "none" else b(s)) if optional else base
+        group.add_argument(flag(m[1]), **kw)
     return parser
 
 
@@ -331,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         base = {k: v for k, v in base.items() if k in values and k != "resume"}
     preset = given.get("preset", base.get("preset"))
     if preset is None and not base:  # tiny models get theirs; no model at all: the demo
-        preset = "tiny" if given.get("model") in ("tiny", "tiny-sd3") else None if "model" in given else DEMO_PRESET
+        preset = "tiny" if given.get("model") == "tiny" else None if "model" in given else DEMO_PRESET
     preset_set = preset_values(preset, "preset" in given) if preset and not base else {}
     args = Args(**{**values, **preset_set, **base, **given, "preset": preset})
     args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
@@ -411,9 +405,9 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
 @torch.no_grad()
 def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
             cfg_scale: float = 1.0, means: list | None = None):
-    """Denoise the whole batch, one transformer call per step. Returns all latents (n, T+1, ...), the transitions'
-    log-probs (n, T; 0 on Euler steps) and the last x0-prediction x - sigma v: the image to judge, without the noise
-    the last SDE step adds. A list given as `means` collects each step's mean (--rationorm needs them)."""
+    """Denoise the batch, one transformer call per step: all latents (n, T+1, ...), the transitions' log-probs (n, T;
+    0 on Euler steps) and the last x0-prediction x - sigma v (the image to judge: without the last step's noise).
+    A list given as `means` collects each step's mean (--rationorm needs them)."""
     x, latents, log_probs = noise.float(), [noise.float()], []
     for i in range(len(sigmas) - 1):
         v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
@@ -503,10 +497,6 @@ UNIFIEDREWARD_THINK_QWEN3VL_PROMPT = (
     "images.\n        ")
 JUDGE_PROMPTS = {"unifiedreward-think": UNIFIEDREWARD_THINK_PROMPT,
                  "unifiedreward-think-qwen3vl": UNIFIEDREWARD_THINK_QWEN3VL_PROMPT}
-# Logits mode (ours, not a trained format): the reply prefilled with a neutral <think> block and the answer up to the
-# image number, so one forward pass gives P("1") vs P("2"). The trailing space: Qwen tokenizes space and digit apart.
-LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
-                 "and added up the totals.\n</think>\n<answer>Image ")
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -579,8 +569,7 @@ def win_rates(pref: torch.Tensor) -> torch.Tensor:
 # 4. Advantage: z-score inside the group (each reward on its own), weighted sum, clamped
 # ======================================================================================================================
 def group_zscore(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(groups, G) -> (r - group mean) / (group std + eps), Bessel-corrected std as the official code; a group whose
-    rewards are all equal carries no signal: exactly 0."""
+    """(groups, G) -> (r - group mean) / (group std + eps), Bessel-corrected as officially; an all-equal group: 0."""
     z = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
     return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(z), z)
 
@@ -640,6 +629,16 @@ def transition(pipe, batch: dict, idx, steps, args: Args):
     return sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])[1:]
 
 
+@torch.no_grad()
+def base_mean(pipe, batch: dict, idx, steps, args: Args) -> torch.Tensor:
+    """The transitions' means under the base model: the same transformer, its LoRA adapter switched off (no copy)."""
+    pipe.transformer.disable_adapters()
+    try:
+        return transition(pipe, batch, idx, steps, args)[1]
+    finally:
+        pipe.transformer.enable_adapters()
+
+
 def accumulation(accum: int, world: int, per_process: int) -> tuple[int, str]:
     """--accum is global: trajectories per optimizer update over all processes, each process accumulating accum / world
     of its own (0: all of them, one update a round). Returns that share and a line for the start-up message."""
@@ -653,12 +652,10 @@ def accumulation(accum: int, world: int, per_process: int) -> tuple[int, str]:
 
 
 def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
-    """Section 5 for one round: an optimizer update per --accum trajectories of all processes, its loss the mean over
+    """Section 5 for one round: an optimizer update per --accum trajectories of all processes, the loss a mean over
     them and their trained transitions. Update j takes the j-th slice of every group (official: each GPU's first 4 of
-    8, then the last 4) on any number of processes; it is off-policy after the first (the ratio leaves 1, the clip
-    acts). Zero-advantage trajectories run no forward/backward, yet an update of only those still steps, as
-    officially (AdamW's momentum and weight decay move the weights). A non-finite loss or gradient norm raises
-    FloatingPointError."""
+    8, then the last 4); after the first it is off-policy (the clip acts). Zero-advantage trajectories run no forward,
+    yet an update of only those still steps, as officially. A non-finite loss or gradient norm: FloatingPointError."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
     (n, k), sharded, size = trained.shape, args.full and world > 1, accumulation(args.accum, world, trained.shape[0])[0]
     order = torch.arange(n).view(-1, args.group_size).t().flatten()  # every group's first trajectories, then ...
@@ -685,9 +682,7 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
                     old, a = torch.zeros_like(old), a * scale  # a positive factor per row passes through the max
                 loss, s = grpo_loss(lp, old, a, args.clip_range)
                 if args.kl_beta:  # Flow-GRPO's KL to the base model on the same transition
-                    with torch.no_grad(), adapters_off(pipe.transformer):
-                        base_mean = transition(pipe, batch, idx, steps, args)[1]
-                    kl = flow_grpo_kl(mean, base_mean, std_t).mean()
+                    kl = flow_grpo_kl(mean, base_mean(pipe, batch, idx, steps, args), std_t).mean()
                     loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
                 (loss * w).backward()
                 s["loss"] = loss.item()
@@ -736,19 +731,15 @@ def tiny_tokenizer(max_length: int = 16):
                                    model_max_length=max_length)
 
 
-def tiny_pipeline(model: str = "tiny", seed: int = 0):
-    """FLUX (`tiny`) or SD3.5 (`tiny-sd3`) at toy size with random weights: the real classes, 2 transformer blocks, a
-    2-level VAE with 4 latent channels, CLIP (SD3: two) and T5. A random VAE decoder maps every latent to nearly one
-    colour, so it is made close to linear: the latent's colour shows and the colour judge has something to judge."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+def tiny_pipeline(seed: int = 0):
+    """A random FLUX at toy size (the real classes, 2 blocks, CLIP, T5), its VAE decoder made close to linear: a random
+    one maps every latent to nearly one colour, and the colour judge needs the latent's colour to show."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     torch.manual_seed(seed)
-    vocab, sd3 = len(tiny_tokenizer()), model == "tiny-sd3"
-    clip = CLIPTextConfig(vocab_size=vocab, projection_dim=32, **TINY_CLIP_TEXT)
-    # SD3 lays the two CLIPs' token features side by side and pads them to T5's width: T5 must be >= 2 x 32 wide
-    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=64 if sd3 else 32, d_kv=16, d_ff=64, num_layers=2,
-                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vocab = len(tiny_tokenizer())
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
@@ -759,23 +750,14 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                 p.zero_()
         vae.decoder.conv_norm_out.weight.fill_(0.3)
         vae.decoder.conv_out.weight.mul_(20.0)  # 0.3 x 20 = 6: strong enough to reach saturated colours
-    parts = dict(vae=vae, tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
-    if sd3:
-        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                            attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                            joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16,
-                                            dual_attention_layers=(0,), qk_norm="rms_norm")
-        return StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder_3=t5,
-            text_encoder=CLIPTextModelWithProjection(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
-            tokenizer_3=tiny_tokenizer(), **parts)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(transformer=transformer, scheduler=scheduler, text_encoder=CLIPTextModel(clip),
-                        text_encoder_2=t5, **parts)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, projection_dim=32, **TINY_CLIP_TEXT))
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5,
+                        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
 
 
 FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen",
@@ -801,8 +783,7 @@ def hub_error(name: str, err: Exception, what: str) -> str:
 
 
 def check_model_name(name: str, what: str) -> None:
-    """A folder must exist, with every component its model_index.json names; `org/name` is a hub id (the hub library
-    resolves it, from its cache when offline)."""
+    """A folder must exist with every component its model_index.json names; `org/name` is a hub id (resolved later)."""
     if not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         sys.exit(f"error: {what} {name!r}: no such folder, and not a hub id (org/name)")
     try:
@@ -815,11 +796,10 @@ def check_model_name(name: str, what: str) -> None:
 
 
 def load_pipeline(model: str, device=None, dtype=None):
-    """`tiny`, `tiny-sd3`, or a pipeline of a family in FAMILIES (hub id or folder) on `device`, frozen (training
-    unfreezes)."""
+    """`tiny` or a pipeline of a family in FAMILIES (hub id or folder) on `device`, frozen (training unfreezes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model in ("tiny", "tiny-sd3"):
-        pipe = tiny_pipeline(model)
+    if model == "tiny":
+        pipe = tiny_pipeline()
     else:
         from diffusers import DiffusionPipeline
         check_model_name(model, "--model")
@@ -866,16 +846,6 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
     if args.full and world_size() > 1:
         shard_transformer(transformer)  # replaces the parameters by this process's shards (DTensors)
     return [p for p in transformer.parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def adapters_off(transformer):
-    """The base model without a second copy in memory: the same transformer with its LoRA adapter switched off."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
 
 
 # The model-specific parts, family by family: text encoding, latent layout, the transformer call, decoding.
@@ -1070,9 +1040,8 @@ def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, extract,
-              retry_seconds: float = 60.0):
-    """POST with retries; (extract(reply) or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
+def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, retry_seconds: float = 60.0):
+    """POST a chat request; (the reply's text or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
     429 and cut-off JSON are retried with jittered, capped exponential backoff until `retries` or `retry_seconds` after
     the first failure run out; other 4xx and replies that are not JSON (a web page) are not. Never raises."""
     error, first_failure = None, None
@@ -1083,14 +1052,13 @@ def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: i
                 body, kind = resp.read(), resp.headers.get_content_type()
             if "json" not in kind and not body.lstrip().startswith(b"{"):
                 return None, attempt + 1, f"the reply is not JSON ({kind}, {not_json(body)}): not an OpenAI API"
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise ValueError(f"cut-off or invalid JSON ({not_json(body)})") from None
-            try:
-                return extract(data), attempt + 1, None
-            except (LookupError, TypeError, AttributeError) as e:
-                raise ValueError(f"JSON that is not an OpenAI chat completion ({type(e).__name__}: {e})") from None
+            try:  # JSON cut off mid-reply, or not a chat completion: retried
+                text = json.loads(body)["choices"][0]["message"]["content"]
+            except (ValueError, LookupError, TypeError) as e:
+                raise ValueError(f"not an OpenAI chat completion ({type(e).__name__}: {e}; {not_json(body)})") from None
+            if isinstance(text, str):
+                return text, attempt + 1, None
+            error = "a chat completion whose message content is not text"
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
             if e.code < 500 and e.code not in (408, 429):
@@ -1102,49 +1070,24 @@ def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: i
         if attempt == retries or time.monotonic() + wait - first_failure > retry_seconds:
             return None, attempt + 1, error
         time.sleep(wait)
-    return None, retries + 1, error
 
 
-def reply_text(data: dict) -> str:
-    text = data["choices"][0]["message"]["content"]
-    if not isinstance(text, str):
-        raise TypeError("message content is not a string")
-    return text
-
-
-def answer_prob(data: dict) -> float | None:
-    """Logits mode over a server: p1 / (p1 + p2) from the top log-probs of the first generated token that is not
-    whitespace (a server may trim the prefill's trailing space; the model then writes it first)."""
-    try:
-        for step in data["choices"][0]["logprobs"]["content"]:
-            top = [(t["token"].strip(), math.exp(t["logprob"])) for t in step["top_logprobs"]]
-            if step["token"].strip() or not top:
-                p1, p2 = (sum(p for tok, p in top if tok == d) for d in "12")  # a digit not listed counts as 0
-                return p1 / (p1 + p2) if p1 + p2 > 0 else None
-    except (LookupError, TypeError, ValueError, OverflowError):
-        pass  # a server that returns no (usable) log-probs: a failed judgment, not worth a retry
-    return None
-
-
-def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: str, *, max_tokens: int,
-                workers: int, timeout: float, retries: int, key_env: str, max_side: int = 0, prefill: str | None = None,
-                extract=reply_text, extra: dict | None = None, retry_seconds: float = 60.0) -> tuple[list, dict]:
-    """One chat completion per (text, images) request, images first, many in flight. Returns extract(reply) per
-    request (None: failed after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server,
-    as the official clients leave it."""
-    endpoint, headers = url.rstrip("/") + "/chat/completions", http_headers(key_env)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+def server_chat(requests: list[tuple[str, list[Image.Image]]], args: Args) -> tuple[list, dict]:
+    """One chat completion per (text, images) request to --judge-url, images first, --judge-workers in flight. Returns
+    each reply (None: failed after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server,
+    as officially."""
+    endpoint, headers = args.judge_url.rstrip("/") + "/chat/completions", http_headers(args.judge_api_key_env)
+    with ThreadPoolExecutor(args.judge_workers) as pool:
         unique = {id(im): im for _, ims in requests for im in ims}  # a pair judged twice shares its images
-        urls = dict(zip(unique, pool.map(lambda im: jpeg_data_url(im, max_side), unique.values())))
+        urls = dict(zip(unique, pool.map(lambda im: jpeg_data_url(im, args.judge_image_size), unique.values())))
         payloads = []
         for text, ims in requests:
             content = [{"type": "image_url", "image_url": {"url": urls[id(im)]}} for im in ims]
             messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-            messages += [{"role": "assistant", "content": prefill}] if prefill is not None else []
-            payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens, **(extra or {})})
-        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract, retry_seconds),
-                                payloads))
-    errors = [scrub(r[2], key_env) for r in results if r[0] is None and r[2]]
+            payloads.append({"model": args.judge_model, "messages": messages, "max_tokens": args.judge_max_tokens})
+        results = list(pool.map(lambda p: post_json(endpoint, p, headers, args.judge_timeout, args.judge_retries,
+                                                    args.judge_retry_seconds), payloads))
+    errors = [scrub(r[2], args.judge_api_key_env) for r in results if r[0] is None and r[2]]
     return [r[0] for r in results], {"failed": sum(r[0] is None for r in results),
                                      "attempts": sum(r[1] for r in results), "errors": errors}
 
@@ -1173,43 +1116,22 @@ def load_local_vlm(name: str, device=None, dtype=None, what: str = "--judge-mode
     return model, processor
 
 
-def vlm_inputs(vlm: tuple, requests, prefill: str = ""):
-    """A padded batch; the prefill is appended to the rendered prompt (not continue_final_message): nothing trims it."""
-    model, processor = vlm
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
-        tokenize=False, add_generation_prompt=True) + prefill for text, ims in requests]
-    images = [im.convert("RGB") for _, ims in requests for im in ims] or None
-    return processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
-
-
 def local_chat(vlm: tuple, requests, *, max_tokens: int = 2048, batch_size: int = 8) -> list[str]:
-    """Greedy replies of an in-process VLM, `batch_size` requests per generate() call."""
+    """Greedy replies of an in-process VLM, `batch_size` (text, images) requests per generate() call."""
     model, processor = vlm
     replies = []
     for i in range(0, len(requests), batch_size):
-        inputs = vlm_inputs(vlm, requests[i:i + batch_size])
+        batch = requests[i:i + batch_size]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
+            tokenize=False, add_generation_prompt=True) for text, ims in batch]
+        images = [im.convert("RGB") for _, ims in batch for im in ims] or None
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=processor.tokenizer.pad_token_id)
         replies += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return replies
-
-
-def local_answer_probs(vlm: tuple, requests, batch_size: int = 8) -> list[float]:
-    """Logits mode in process: P(first image better) = p1 / (p1 + p2) at the token after LOGITS_PREFIX."""
-    model, processor = vlm
-    base = processor.tokenizer.encode(LOGITS_PREFIX, add_special_tokens=False)
-    ids = [processor.tokenizer.encode(LOGITS_PREFIX + d, add_special_tokens=False)[len(base):] for d in "12"]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError("the judge's tokenizer does not write '1' and '2' as single tokens after LOGITS_PREFIX")
-    probs = []
-    for i in range(0, len(requests), batch_size):
-        inputs = vlm_inputs(vlm, requests[i:i + batch_size], prefill=LOGITS_PREFIX)
-        with torch.inference_mode():  # left padding: the last position is every row's next token
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        probs += torch.sigmoid(logits[:, ids[0][0]] - logits[:, ids[1][0]]).tolist()  # = p1 / (p1 + p2), stable
-    return probs
 
 
 def user_function(spec: str, flag_name: str, pairwise: bool):
@@ -1240,14 +1162,13 @@ def user_function(spec: str, flag_name: str, pairwise: bool):
 
 
 def make_judge(args: Args):
-    """The judge the flags name, as the loop calls it: judge(prompts, firsts, seconds) -> (P(first better) or None,
-    info); with --reward pointwise a scorer(prompts, images) -> (score or None, info). A server is checked now (a dead
-    one, or one not serving the model, fails here, before any model loads)."""
+    """The judge the flags name: judge(prompts, firsts, seconds) -> (P(first better) or None, info); with --reward
+    pointwise a scorer(prompts, images). A server is checked now: a dead one fails before any model loads."""
     if args.reward == "pointwise":
         return user_function(args.scorer_fn, "--scorer-fn", pairwise=False)
     if args.judge_fn:
         return user_function(args.judge_fn, "--judge-fn", pairwise=True)
-    url, key_env, generate = args.judge_url, args.judge_api_key_env, args.judge_mode == "generate"
+    url, key_env = args.judge_url, args.judge_api_key_env
     if not url and args.judge_model == Args.judge_model:  # a served name, not a model to load here
         sys.exit(f"error: no judge: pass --judge-url (a reward server serving {args.judge_model}), --judge-model (a "
                  "Qwen-VL hub id or folder, run in this process) or --judge-fn module:function")
@@ -1256,23 +1177,16 @@ def make_judge(args: Args):
         sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "
                  f"(it serves: {', '.join(served)})")
     vlm = None if url else load_local_vlm(args.judge_model, args.device)
-    transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
-                     retry_seconds=args.judge_retry_seconds, key_env=key_env, max_side=args.judge_image_size,
-                     max_tokens=args.judge_max_tokens)
-    if not generate:  # max_tokens 2: room for a space the server trimmed off the prefill
-        transport.update(max_tokens=2, prefill=LOGITS_PREFIX, extract=answer_prob, extra={
-            "logprobs": True, "top_logprobs": 20, "add_generation_prompt": False, "continue_final_message": True})
 
     def judge(prompts, firsts, seconds):
         start = time.perf_counter()
         requests = [(judge_text(p, args.judge_prompt), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
         stats = {"failed": 0, "attempts": len(requests), "errors": []}
         if url:
-            replies, stats = server_chat(requests, url, args.judge_model, **transport)
+            replies, stats = server_chat(requests, args)
         else:
-            replies = (local_chat(vlm, requests, max_tokens=args.judge_max_tokens) if generate
-                       else local_answer_probs(vlm, requests))
-        probs = [parse_verdict(r) for r in replies] if generate else replies
+            replies = local_chat(vlm, requests, max_tokens=args.judge_max_tokens)
+        probs = [parse_verdict(r) for r in replies]
         unparsed = [r for p, r in zip(probs, replies) if p is None and r is not None]
         if stats["errors"]:
             tqdm.write(f"judge server: {len(stats['errors'])}/{len(requests)} requests failed after retries "
@@ -1343,8 +1257,7 @@ def clip_scores(clip: tuple, prompts: list[str], images: list[Image.Image]) -> t
 
 
 def colour_distance(prompt: str, image: Image.Image) -> float | None:
-    """The smoke test's ground truth: distance from the image's mean colour to the colour the prompt names (RGB in
-    [0, 1]: 0 is perfect, sqrt(3) the worst); None when the prompt names no known colour."""
+    """The smoke test's truth: RGB distance in [0, sqrt(3)] of the image's mean colour to the prompt's (None: none)."""
     target = next((COLOURS[w] for w in re.findall(r"[a-z]+", prompt.lower()) if w in COLOURS), None)
     if target is None:
         return None
@@ -1422,20 +1335,20 @@ def shard_transformer(transformer) -> None:
 # ======================================================================================================================
 def load_prompts(spec: str, flag_name: str = "--prompts") -> list[str]:
     """Prompts from a file, told apart by its content (not its name): a JSON list (of prompts, or of objects with a
-    "prompt" field), JSON lines with a "prompt" field, or plain text, one a line; a BOM, CRLF and blank lines are
-    dropped. module:NAME: a list of prompts in your own code, or a function returning one."""
+    "prompt" field), JSON lines with a "prompt" field, or plain text, one a line (a BOM, CRLF and blank lines are
+    dropped); or module:NAME, a list of prompts in your own code or a function returning one."""
     if ":" in spec and not os.path.exists(spec):
         found = load_object(spec, flag_name)
         rows = [(spec, p) for p in (found() if callable(found) else found)]
-    elif os.path.isdir(spec) or not os.path.isfile(spec):
-        sys.exit(f"error: {flag_name} {spec!r} " + ("is a folder, not a file" if os.path.isdir(spec) else
-                                                      "does not exist"))
     else:
         try:
             text = Path(spec).read_text(encoding="utf-8-sig")
         except (UnicodeDecodeError, OSError) as err:
-            sys.exit(f"error: {flag_name} {spec!r} is not a UTF-8 text file ({type(err).__name__})")
+            why = {IsADirectoryError: "is a folder, not a file", FileNotFoundError: "does not exist"}.get(
+                type(err), f"is not a UTF-8 text file ({type(err).__name__})")
+            sys.exit(f"error: {flag_name} {spec!r} {why}")
         lines = [(f"{spec}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
         def parse(where, text):  # a file that begins like JSON must be JSON throughout
             try:
                 return json.loads(text)
@@ -1444,7 +1357,7 @@ def load_prompts(spec: str, flag_name: str = "--prompts") -> list[str]:
         if text.lstrip().startswith("["):
             rows = [(f"{spec}: item {n}", x) for n, x in enumerate(parse(spec, text), 1)]
         else:
-            jsonl = lines[:1] and lines[0][1][0] == "{"
+            jsonl = lines and lines[0][1].startswith("{")
             rows = [(where, parse(where, line)) for where, line in lines] if jsonl else lines
     prompts = []
     for where, row in rows:
@@ -1465,10 +1378,9 @@ def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[s
 
 
 def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank: int = 0) -> Path | None:
-    """Written by rank 0 to a temporary folder, flushed, and renamed into place: a kill mid-write never leaves a broken
-    checkpoint. LoRA in diffusers' format (a pipeline's load_lora_weights reads it); --full: the whole transformer
-    (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name. Weights
-    that are not finite are never saved (FloatingPointError): the last good checkpoint stays the latest."""
+    """Written by rank 0 to a temporary folder, flushed, then renamed: a kill mid-write leaves no broken checkpoint.
+    LoRA in diffusers' format (load_lora_weights reads it); --full: the transformer (gathered from the FSDP shards) and
+    the optimizer state. Weights that are not finite are never saved (FloatingPointError)."""
     if not finite_weights(pipe.transformer):
         raise FloatingPointError("the trained weights are not finite (NaN or inf)")
     if args.full:  # a collective under FSDP: every process takes part, rank 0 receives the unsharded tensors
@@ -1675,8 +1587,7 @@ class Run:
     eval_prompts: list = dataclasses.field(default_factory=list)  # each held-out prompt once per held-out seed
     eval_seeds: list = dataclasses.field(default_factory=list)
     before: list = dataclasses.field(default_factory=list)  # the initial policy's held-out images
-    initial: dict = dataclasses.field(default_factory=dict)
-    before_frames: list | None = None
+    initial: tuple = ({}, None)  # held_out_scores of them
     start: int = 0
     silent_rounds: int = 0
     wandb: object = None
@@ -1728,12 +1639,13 @@ def run_folder(args: Args, ckpt: Path | None, rank: int, world: int) -> Path:
 
 
 def start_run(args: Args, judge=None) -> Run:
-    """Everything before the first round, the cheap checks first: processes, run folder, prompts, the judge (a dead
-    server fails here), the models, the initial policy's held-out images, optimizer, checkpoint, logs."""
+    """Everything before the first round, cheap checks first: processes, folder, prompts, judge, models, held-out
+    images of the initial policy, optimizer, checkpoint, logs."""
     device, rank, world, own = start_processes(args)
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run = Run(args, run_folder(args, ckpt, rank, world), device, rank, world, own)
-    if args.model not in ("tiny", "tiny-sd3") and (":" not in args.model or os.path.exists(args.model)):
+    built = ":" in args.model and not os.path.exists(args.model)  # module:function returns a hub id or folder
+    if args.model != "tiny" and not built:
         check_model_name(args.model, "--model")
     if not args.prompts:
         sys.exit("error: --prompts is required for this model (a text or JSON lines file of training prompts)")
@@ -1744,10 +1656,12 @@ def start_run(args: Args, judge=None) -> Run:
     run.judge = judge or make_judge(args)
     run.eval_fn = load_object(args.eval_fn, "--eval-fn") if args.eval_fn else None
     run.clip = load_clip(args.clip_model, device, args.clip_as_trained) if args.clip_model else None
-    run.pipe = load_pipeline(model_name(args.model), device)
+    run.pipe = load_pipeline(str(load_object(args.model, "--model")()) if built else args.model, device)
     latent_geometry(run.pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
-    run.before = initial_images(run)
-    run.initial, run.before_frames = held_out_scores(run, run.before) if run.main and run.before else ({}, None)
+    run.before = held_out_images(run)  # before any update (a resumed run has not loaded its checkpoint yet)
+    if run.main and run.before:
+        save_images(run.before, run.dir / "eval" / "before")
+        run.initial = held_out_scores(run, run.before)
     run.params = trainable_parameters(run.pipe, args)
     run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=args.weight_decay)
@@ -1760,30 +1674,14 @@ def start_run(args: Args, judge=None) -> Run:
     return run
 
 
-def model_name(model: str) -> str:
-    """A hub id or folder as given, or what a module:function names (e.g. a model it builds or downloads first)."""
-    return str(load_object(model, "--model")()) if ":" in model and not os.path.exists(model) else model
-
-
 def held_out_images(run: Run) -> list[Image.Image]:
-    """The held-out prompts x seeds through the deterministic sampler (eta = 0)."""
+    """The held-out prompts x seeds through the deterministic sampler, on rank 0 (on all processes under FSDP)."""
     a = run.args
+    if not run.eval_prompts or not (run.main or run.sharded):
+        return []
     return generate_images(run.pipe, run.eval_prompts, run.eval_seeds, steps=a.sample_steps, resolution=a.resolution,
                            guidance=a.guidance, max_sequence_length=a.max_sequence_length, cfg_scale=a.cfg_scale,
                            shift=a.shift)
-
-
-def initial_images(run: Run) -> list[Image.Image]:
-    """The initial policy's held-out images, made before any update and kept on disk for a resumed run."""
-    folder = run.dir / "eval" / "before"
-    if not run.eval_prompts or not (run.main or run.sharded):
-        return []
-    if run.main and not run.sharded and len(list(folder.glob("*.png"))) == len(run.eval_prompts):
-        return [Image.open(folder / f"{k:04d}.png").convert("RGB") for k in range(len(run.eval_prompts))]
-    images = held_out_images(run)
-    if run.main:
-        save_images(images, folder)
-    return images
 
 
 def held_out_scores(run: Run, images: list[Image.Image]) -> tuple[dict, list | None]:
@@ -1819,15 +1717,15 @@ def open_logs(run: Run) -> None:
                 f.write(json.dumps({"step": run.start, "changed": changed}) + "\n")
         print(f"resuming {run.dir} at round {run.start}"
               + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
-    overrides = [flag(k) for k in args.given if args.preset in PRESETS and k in PRESETS[args.preset]]
+    overrides = [flag(k) for k in args.given if k in PRESETS.get(args.preset, {})]
     overridden = f" (overridden: {', '.join(overrides)})" if overrides else ""
+    order = f", {args.judge_order} order" if args.reward == "pairwise" else ""
+    updates = accumulation(args.accum, run.world, len(round_prompts(run, 0)) * args.group_size)[1]
     print(f"run {run.dir} | preset {args.preset or 'none'}{overridden} | model {args.model} | "
-          f"{'full' if args.full else 'LoRA'} "
-          f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable | {run.world} process(es)"
-          f"{', FSDP2' if run.sharded else ''} | {len(run.prompts)} prompts | judge "
-          f"{getattr(run.judge, 'name', 'passed to train()')} ({args.reward}"
-          f"{', ' + args.judge_order + ' order' if args.reward == 'pairwise' else ''}) | rounds {run.start}->"
-          f"{args.train_steps} | " + accumulation(args.accum, run.world, len(round_prompts(run, 0)) * args.group_size)[1])
+          f"{'full' if args.full else 'LoRA'} {sum(p.numel() for p in run.params) / 1e6:.2f}M trainable | "
+          f"{run.world} process(es){', FSDP2' if run.sharded else ''} | {len(run.prompts)} prompts | judge "
+          f"{getattr(run.judge, 'name', 'passed to train()')} ({args.reward}{order}) | rounds {run.start}->"
+          f"{args.train_steps} | {updates}")
     if args.judge_order != "both" and args.reward == "pairwise":
         print("judge_order_disagree is measured only with --judge-order both")
     if args.wandb_project:  # an optional dependency, imported here and nowhere else
@@ -1878,8 +1776,7 @@ def check_verdicts(run: Run, step: int, info: dict) -> None:
 
 
 def round_metrics(run: Run, step: int, rewards: list, adv, batch: dict, info: dict, stats: dict, times) -> dict:
-    """One round's numbers over all processes: rewards and advantages gathered, judge counts (ints) summed and
-    rates (floats) averaged; train_step's are already reduced."""
+    """One round's numbers over all processes: judge counts (ints) summed, rates averaged, the rest gathered."""
     dev, (t0, t1, t2, t3) = run.device, times
     win, adv = gather(rewards[0], dev), gather(adv, dev)
     if run.world > 1:
@@ -1896,13 +1793,15 @@ def round_metrics(run: Run, step: int, rewards: list, adv, batch: dict, info: di
             **({"clip_score": gather(rewards[1], dev).mean().item()} if run.clip else {})}
 
 
-def evaluate_now(run: Run) -> dict:
-    """--eval-every: the current policy's held-out images against the initial policy's, by the same judge."""
+def evaluate_now(run: Run) -> tuple[dict, list, list | None]:
+    """The current policy's held-out images and, on rank 0, their numbers: the judge's win rate against the initial
+    policy's (win_rate_vs_initial) and held_out_scores' (with the frame colours)."""
     after = held_out_images(run) if run.before else []
     if not (run.main and after):
-        return {}
-    return {"eval_win_rate_vs_initial": compare(run.judge, run.args, run.eval_prompts, run.before, after),
-            **{"eval_" + k: v for k, v in held_out_scores(run, after)[0].items()}}
+        return {}, after, None
+    scores, frames = held_out_scores(run, after)
+    win = compare(run.judge, run.args, run.eval_prompts, run.before, after)
+    return {"win_rate_vs_initial": win, **scores}, after, frames
 
 
 def log_round(run: Run, bar, metrics: dict, prompts: list[str], images: list[Image.Image]) -> None:
@@ -1925,25 +1824,22 @@ def log_round(run: Run, bar, metrics: dict, prompts: list[str], images: list[Ima
 def finish(run: Run, done: int) -> dict:
     """The final comparison, initial against final policy on the held-out prompts and seeds: eval/eval.json,
     eval/before_after.png (per prompt: its seeds before, a gap, after), eval/after/."""
-    args, eval_dir, result = run.args, run.dir / "eval", {}
-    after = held_out_images(run) if run.before else []
-    if run.main and after:
-        final, after_frames = held_out_scores(run, after)
-        n, S = len(after), args.eval_seeds
-        result = {"images": n, "win_rate_final_vs_initial": compare(run.judge, args, run.eval_prompts, run.before,
-                                                                    after),
-                  **{k + "_initial": v for k, v in run.initial.items()}, **{k + "_final": v for k, v in final.items()}}
-        frames = run.before_frames + after_frames if after_frames else None
-        save_grid([im for k in range(0, n, S) for im in run.before[k:k + S] + after[k:k + S]],
-                  [f"{p}: before | after" for p in run.eval_prompts[::S]], 2 * S, eval_dir / "before_after.png",
-                  frames=[frames[i] for k in range(0, n, S) for i in [*range(k, k + S), *range(n + k, n + k + S)]]
-                  if frames else None, gap_after=S)
+    final, after, after_frames = evaluate_now(run)
+    (initial, before_frames), result, eval_dir = run.initial, {}, run.dir / "eval"
+    if final:
+        n, S, win = len(after), run.args.eval_seeds, final.pop("win_rate_vs_initial")
+        result = {"images": n, "win_rate_final_vs_initial": win, **{k + "_initial": v for k, v in initial.items()},
+                  **{k + "_final": v for k, v in final.items()}}
+        order = [i for k in range(0, n, S) for i in [*range(k, k + S), *range(n + k, n + k + S)]]  # before, after
+        images, frames = run.before + after, before_frames + after_frames if after_frames else None
+        save_grid([images[i] for i in order], [f"{p}: before | after" for p in run.eval_prompts[::S]], 2 * S,
+                  eval_dir / "before_after.png", [frames[i] for i in order] if frames else None, gap_after=S)
         save_images(after, eval_dir / "after")
         (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"held-out ({n} images, seeds never trained on): judge win rate of the final vs the initial policy "
-              f"{result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
-        if run.initial:
-            print("initial -> final: " + ", ".join(f"{k} {v:.3f} -> {final[k]:.3f}" for k, v in run.initial.items()))
+              f"{win:.3f} (0.5 = no change)")
+        if initial:
+            print("initial -> final: " + ", ".join(f"{k} {v:.3f} -> {final[k]:.3f}" for k, v in initial.items()))
         if run.wandb:
             run.wandb.log({"before_after": run.wandb.Image(str(eval_dir / "before_after.png")), **result}, step=done)
     if run.wandb:
@@ -1954,9 +1850,8 @@ def finish(run: Run, done: int) -> dict:
 
 
 def train(args: Args, judge=None) -> dict:
-    """The loop: each round samples, judges, computes advantages and updates, in the order of sections 1-5. `judge`
-    replaces the one the flags name (a pairwise judge, or a scorer with --reward pointwise). Under torchrun every
-    process samples, judges and trains its own groups; rank 0 alone writes files."""
+    """The loop: each round samples, judges, computes advantages and updates (sections 1-5). `judge` replaces the one
+    the flags name. Under torchrun every process does this for its own groups; rank 0 alone writes files."""
     run = start_run(args, judge)
     bar = tqdm(range(run.start, args.train_steps), initial=run.start, total=args.train_steps, desc="pref-grpo",
                disable=not run.main)
@@ -1974,7 +1869,7 @@ def train(args: Args, judge=None) -> dict:
             stats = train_step(run.pipe, run.params, run.optimizer, batch, adv, args)       # 5. clipped loss, updates
             metrics = round_metrics(run, step, rewards, adv, batch, info, stats, (t0, t1, t2, time.perf_counter()))
             if args.eval_every and (step + 1) % args.eval_every == 0:
-                metrics.update(evaluate_now(run))
+                metrics.update({"eval_" + k: v for k, v in evaluate_now(run)[0].items()})
             log_round(run, bar, metrics, prompts, images)
             done = step + 1  # logged: from here on, an interruption saves this round
             if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers

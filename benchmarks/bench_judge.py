@@ -9,13 +9,14 @@ path's throughput in pairs and tokens per second.
    (`judge_first_preferred`), and the error of the win rates and advantages against the noise-free, bias-free ones:
    RMSE over all images, and the spread (std over the G positions) of the per-position mean error, i.e. the part of
    the error that the schedule ties to an image's index. Two judges:
-     hard (generate mode): a verdict, P(first wins) = clip(sigmoid(s (q_first - q_second)) + b, 0, 1);
-     soft (logits mode):  P(first better) = sigmoid(s (q_first - q_second) + b + noise N(0, 1)), b in logits.
+     hard (UnifiedReward-Think): a verdict, P(first wins) = clip(sigmoid(s (q_first - q_second)) + b, 0, 1);
+     soft (a --judge-fn that returns probabilities): P(first better) = sigmoid(s (q_first - q_second) + b + noise
+       N(0, 1)), b in logits.
    The reference is the bias-free judge's expectation sigmoid(s (q_i - q_j)) (noise-free, bias-free win rates).
 2. throughput: a local OpenAI-compatible server on 127.0.0.1 (its own process) answers every request after a fixed
    latency with a fixed-length reply and reports `usage.completion_tokens`; the trainer's judge
    (`make_judge(parse_args([... --judge-url ...]))` + `judge_groups`) sends groups of G images at the trainer's
-   resolution, in generate and logits mode and every order. Pairs/s and tokens/s here are the client's ceiling
+   resolution, in every order. Pairs/s and tokens/s here are the client's ceiling
    (JPEG encoding, JSON, HTTP on this machine's cores), not a judge GPU's speed: see docs/judge.md for sizing.
 """
 
@@ -42,7 +43,7 @@ from PIL import Image  # noqa: E402
 import pref_grpo as pg  # noqa: E402
 
 ORDERS = ("first", "balanced", "both")
-BIASES = {"hard": (0.0, 0.05, 0.1, 0.2), "soft": (0.0, 0.2, 0.4, 0.8)}  # soft: logits (0.4 ~ +0.1 at p = 0.5)
+BIASES = {"hard": (0.0, 0.05, 0.1, 0.2), "soft": (0.0, 0.2, 0.4, 0.8)}  # soft: in logits (0.4 ~ +0.1 at p = 0.5)
 
 
 # ======================================================================================================================
@@ -54,8 +55,8 @@ def sigmoid(x):
 
 def simulated_judge(kind: str, bias: float, sharpness: float, noise: float, rng: np.random.Generator):
     """judge(prompts, firsts, seconds) -> (P(first better), info) as the trainer calls it; the "images" are numbers,
-    their qualities. `hard`: a 0/1 verdict drawn with P(first) = clip(sigmoid(s dq) + bias, 0, 1) (generate mode);
-    `soft`: sigmoid(s dq + bias + noise N(0, 1)) (logits mode)."""
+    their qualities. `hard`: a 0/1 verdict drawn with P(first) = clip(sigmoid(s dq) + bias, 0, 1) (a reasoning judge);
+    `soft`: sigmoid(s dq + bias + noise N(0, 1)) (a judge function that returns probabilities)."""
     def judge(prompts, firsts, seconds):
         dq = sharpness * (np.asarray(firsts, dtype=float) - np.asarray(seconds, dtype=float))
         if kind == "hard":
@@ -111,7 +112,7 @@ def order_table(rows: list[dict]) -> list[str]:
     lines = []
     for kind in dict.fromkeys(r["judge"] for r in rows):
         unit = "probability" if kind == "hard" else "logit"
-        lines += ["", f"{kind} judge ({'generate mode: 0/1 verdicts' if kind == 'hard' else 'logits mode: soft'}), "
+        lines += ["", f"{kind} judge ({'0/1 verdicts' if kind == 'hard' else 'probabilities'}), "
                       f"bias b in {unit}",
                   "    b  order     req/group  first_pref  disagree   win RMSE  win spread    adv RMSE  adv spread"]
         for r in rows:
@@ -129,7 +130,7 @@ def order_table(rows: list[dict]) -> list[str]:
 # ======================================================================================================================
 def serve_stub(port_queue, latency: float, reply_tokens: int):
     """An OpenAI-compatible server: every chat request is answered after `latency` seconds with a reply of
-    `reply_tokens` tokens (generate) or one token with top log-probs (logits), and `usage.completion_tokens` says so.
+    `reply_tokens` tokens, and `usage.completion_tokens` says so.
     GET /stats: requests and completion tokens served so far. Its own process, as a real server is, so that it does
     not take the client's GIL."""
     lock, stats = threading.Lock(), {"requests": 0, "completion_tokens": 0}
@@ -155,21 +156,14 @@ def serve_stub(port_queue, latency: float, reply_tokens: int):
                 self.reply({"data": [{"id": "UnifiedReward"}]})
 
         def do_POST(self):
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))  # parse, as a server must
+            json.loads(self.rfile.read(int(self.headers["Content-Length"])))  # parse, as a server must
             time.sleep(latency)
-            logits = bool(payload.get("logprobs"))
-            tokens = 1 if logits else reply_tokens
             with lock:
                 stats["requests"] += 1
-                stats["completion_tokens"] += tokens
-            if logits:
-                top = [{"token": "1", "logprob": math.log(0.6)}, {"token": "2", "logprob": math.log(0.4)}]
-                choice = {"message": {"role": "assistant", "content": "1"},
-                          "logprobs": {"content": [{"token": "1", "logprob": top[0]["logprob"], "top_logprobs": top}]}}
-            else:
-                text = f"<think>\n{filler}\n</think>\n<answer>Image 1 is better</answer>"
-                choice = {"message": {"role": "assistant", "content": text}}
-            self.reply({"choices": [choice], "usage": {"completion_tokens": tokens}})
+                stats["completion_tokens"] += reply_tokens
+            text = f"<think>\n{filler}\n</think>\n<answer>Image 1 is better</answer>"
+            self.reply({"choices": [{"message": {"role": "assistant", "content": text}}],
+                        "usage": {"completion_tokens": reply_tokens}})
 
     ThreadingHTTPServer.request_queue_size = 512  # the default listen backlog of 5 drops connections under load
     ThreadingHTTPServer.daemon_threads = True
@@ -198,29 +192,25 @@ def test_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
             for _ in range(n)]
 
 
-def throughput(url: str, groups: int, G: int, size: int, workers: int, modes=("generate", "logits"),
-               orders=ORDERS) -> list[dict]:
-    """Each (mode, order): `groups` groups of G images judged in one judge_groups call by the trainer's judge."""
+def throughput(url: str, groups: int, G: int, size: int, workers: int, orders=ORDERS) -> list[dict]:
+    """Each order: `groups` groups of G images judged in one judge_groups call by the trainer's judge."""
     prompts = [f"a photo of object number {g} on a table" for g in range(groups)]
     images = test_images(groups * G, size)
+    judge = pg.make_judge(pg.parse_args(["--model", "tiny", "--judge-url", url, "--judge-model", "UnifiedReward",
+                                         "--judge-workers", str(workers)]))
     rows = []
-    for mode in modes:
-        args = pg.parse_args(["--model", "tiny", "--judge-url", url, "--judge-model", "UnifiedReward",
-                              "--judge-mode", mode, "--judge-workers", str(workers)])
-        judge = pg.make_judge(args)
-        for order in orders:
-            before = stub_stats(url)
-            start = time.perf_counter()
-            _, info = pg.judge_groups(judge, prompts, images, G, order)
-            seconds = time.perf_counter() - start
-            after = stub_stats(url)
-            requests = after["requests"] - before["requests"]
-            tokens = after["completion_tokens"] - before["completion_tokens"]
-            assert requests == info["judge_requests"] and info["judge_failed"] == 0, info
-            rows.append({"mode": mode, "order": order, "workers": workers, "image_px": size, "groups": groups,
-                         "requests": requests, "completion_tokens": tokens, "seconds": seconds,
-                         "pairs_per_s": requests / seconds, "tokens_per_s": tokens / seconds,
-                         "groups_per_s": groups / seconds})
+    for order in orders:
+        before = stub_stats(url)
+        start = time.perf_counter()
+        _, info = pg.judge_groups(judge, prompts, images, G, order)
+        seconds = time.perf_counter() - start
+        after = stub_stats(url)
+        requests = after["requests"] - before["requests"]
+        tokens = after["completion_tokens"] - before["completion_tokens"]
+        assert requests == info["judge_requests"] and info["judge_failed"] == 0, info
+        rows.append({"order": order, "workers": workers, "image_px": size, "groups": groups, "requests": requests,
+                     "completion_tokens": tokens, "seconds": seconds, "pairs_per_s": requests / seconds,
+                     "tokens_per_s": tokens / seconds, "groups_per_s": groups / seconds})
     return rows
 
 
@@ -233,11 +223,10 @@ def encode_ms(size: int, repeats: int = 5) -> float:
 
 
 def throughput_table(rows: list[dict], latency: float, reply_tokens: int) -> list[str]:
-    lines = ["", f"server stub: {latency * 1000:.0f} ms per request, {reply_tokens}-token replies (generate), "
-                 f"1 token (logits)",
-             "mode      order     workers  image px  requests  completion tokens  pairs/s  tokens/s  groups/s"]
+    lines = ["", f"server stub: {latency * 1000:.0f} ms per request, {reply_tokens}-token replies",
+             "order     workers  image px  requests  completion tokens  pairs/s  tokens/s  groups/s"]
     for r in rows:
-        lines.append(f"{r['mode']:<9} {r['order']:<9} {r['workers']:>7}  {r['image_px']:>8}  {r['requests']:>8}  "
+        lines.append(f"{r['order']:<9} {r['workers']:>7}  {r['image_px']:>8}  {r['requests']:>8}  "
                      f"{r['completion_tokens']:>17}  {r['pairs_per_s']:>7.1f}  {r['tokens_per_s']:>8.0f}  "
                      f"{r['groups_per_s']:>8.2f}")
     return lines
@@ -256,7 +245,7 @@ def main(argv=None) -> dict:
                    help="simulated judge: s in sigmoid(s (q_a - q_b)), image qualities q ~ N(0, 1)")
     p.add_argument("--noise", type=float, default=1.0, help="soft simulated judge: std of its logit noise")
     p.add_argument("--latency", type=float, default=0.2, help="stub server: seconds per request")
-    p.add_argument("--reply-tokens", type=int, default=500, help="stub server: completion tokens per generate reply")
+    p.add_argument("--reply-tokens", type=int, default=500, help="stub server: completion tokens per reply")
     p.add_argument("--server-groups", type=int, default=4, help="groups per throughput measurement")
     p.add_argument("--image-size", type=int, default=720, help="px of the judged images (official training: 720)")
     p.add_argument("--workers", default="16,64", help="--judge-workers values (trainer default: 16)")
