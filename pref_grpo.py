@@ -89,6 +89,8 @@ class Args:
     """prompts per round over all processes (a multiple of their number), a group each; 0: one per process (official)"""
     group_size: int = 8
     """G: images per prompt; rewards and advantages are computed inside each group"""
+    sample_batch_size: int = 0
+    """images per sampling forward, in whole groups (memory; the images do not change); 0: all of a process's"""
     sample_steps: int = 25
     """denoising steps of the sampler"""
     resolution: int = 720
@@ -209,7 +211,7 @@ PAPER_RUN = dict(model="black-forest-labs/FLUX.1-dev", full=True, resolution=720
                  adv_clip=5.0, train_fraction=0.6, prompts_per_step=64, accum=256, train_batch_size=1, train_steps=471,
                  max_sequence_length=512, judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
                  judge_retries=9, clip_model="apple/DFN5B-CLIP-ViT-H-14-378", pref_weight=0.7, clip_weight=1.4,
-                 save_every=20)
+                 save_every=20, sample_batch_size=8)
 HEAD_RUN = {**PAPER_RUN, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True,
             "judge_prompt": "unifiedreward-think-qwen3vl", "judge_max_tokens": 4096, "judge_timeout": 160.0}
 PRESETS = {
@@ -230,7 +232,7 @@ PRESETS = {
 # (beside this file) draws, judges and pretrains a tiny FLUX on. Named, not imported: this file runs without it.
 DEMO_PRESET = "toy_world:DEMO"
 RANGES = {name: interval for interval, names in {  # allowed values, checked when the flags are parsed
-    "[0,inf)": "prompts_per_step guidance sde_window judge_image_size judge_retries pref_weight clip_weight kl_beta "
+    "[0,inf)": "prompts_per_step sample_batch_size guidance sde_window judge_image_size judge_retries pref_weight clip_weight kl_beta "
                "weight_decay accum train_batch_size eval_every eval_seeds",
     "[1,inf)": "train_steps max_sequence_length judge_max_tokens judge_workers lora_rank save_every keep_checkpoints "
                "sample_every eval_count cfg_scale judge_dead_rounds",
@@ -1520,9 +1522,10 @@ def save_grid(images: list[Image.Image], labels: list[str], columns: int, path: 
 # Training loop
 # ======================================================================================================================
 def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_group: int = 0) -> dict:
-    """Section 1 for one round: a group of G SDE trajectories per prompt, all in one batched rollout. Each group draws
-    its noise and its trained steps from its own generators, keyed by (seed, step, global group index): processes
-    sample different images, and a group does not depend on how many processes share the round."""
+    """Section 1 for one round: a group of G SDE trajectories per prompt, batched rollouts of --sample-batch-size. Each
+    group draws its noise and its trained steps from its own generators, keyed by (seed, step, global group index):
+    processes sample different images, and a group depends neither on how many processes share the round nor on the
+    batch it is sampled in."""
     G, n, groups = args.group_size, len(prompts) * args.group_size, range(first_group, first_group + len(prompts))
 
     def gen(group: int, stream: int, dev="cpu"):  # hashed, so that nearby (seed, step, group) give unrelated streams
@@ -1536,11 +1539,15 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
     noise = noise.repeat_interleave(G, 0) if args.same_noise else noise
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
-    means = [] if args.rationorm else None  # each step's mean at sampling time: rationorm's reference
-    latents, log_probs, x0 = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
-                                     args.cfg_scale, means)
+    per, parts = max(1, args.sample_batch_size // G) if args.sample_batch_size else len(prompts), []  # groups a batch
+    for c in range(0, len(prompts), per):
+        rows, means = torch.arange(c * G, min(c + per, len(prompts)) * G), [] if args.rationorm else None
+        out = rollout(pipe, select(cond, rows), noise[rows], sigmas, sde_mask, args.eta, args.guidance, img_ids,
+                      gens[c:c + per], args.cfg_scale, means)  # means: each step's, rationorm's reference
+        parts.append((*out, torch.stack(means, 1) if means else None))
+    latents, log_probs, x0, means = (None if part[0] is None else torch.cat(part) for part in zip(*parts))
     return {"latents": latents, "log_probs": log_probs, "x0": x0, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
-            "trained": trained, "means": torch.stack(means, 1) if means else None}
+            "trained": trained, "means": means}
 
 
 def compare(judge, args: Args, prompts, before, after) -> float:

@@ -982,3 +982,15 @@ def test_ctrl_c_saves_the_last_finished_round_and_says_how_to_resume(tmp_path):
     done = len(read_metrics(run))
     assert proc.returncode == 130 and "Traceback" not in err and f"--resume {run}" in err
     assert pg.find_checkpoint(str(run)).name == f"step-{done:06d}"
+
+
+def test_sampling_in_smaller_batches_gives_the_same_round():
+    """--sample-batch-size splits a round into batches of whole groups (memory): every group keeps its own noise, so
+    the trajectories, log-probs and rationorm's means are the round's, whatever the batch."""
+    flags = ["--model", "tiny", "--resolution", "32", "--sample-steps", "4", "--group-size", "3", "--rationorm"]
+    pipe = pg.load_pipeline("tiny", "cpu")
+    whole, split = (pg.sample_batch(pipe, ["a red car", "a red boat", "a red bird"], 5, pg.parse_args(flags + extra),
+                                    torch.device("cpu")) for extra in ([], ["--sample-batch-size", "4"]))
+    for key in ("latents", "log_probs", "x0", "means"):
+        assert whole[key].shape == split[key].shape and torch.allclose(whole[key], split[key], atol=1e-5), key
+    assert torch.equal(whole["trained"], split["trained"])
