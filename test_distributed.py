@@ -103,10 +103,10 @@ def test_two_lora_processes_equal_one_process_over_the_same_global_batch(tmp_pat
         two = load_file(tmp_path / "two" / "checkpoints" / f"step-{step:06d}" / "pytorch_lora_weights.safetensors")
         assert one.keys() == two.keys()
         # Float tolerance for Adam is a share of lr: it divides each gradient by its RMS, so an element whose gradient
-        # is a near-cancelling sum (summed in another order on 2 processes) moves by a visibly different amount.
-        # Seen here: step 1, 1 element of 34816 off by 5e-5 lr; step 2, 11 elements, at most 8e-4 lr.
-        for k in one:
-            assert torch.allclose(one[k], two[k], atol=3e-2 * (1e-3 if step == 1 else 1e-2)), (step, k)
+        # is a near-cancelling sum (summed in another order on 2 processes) moves by a visibly different amount; with
+        # LoRA's zero B the A gradients start near 0. Seen here: 2-3 elements of 21,504 off by 1e-3 to 4e-3 lr.
+        off = torch.cat([(one[k] - two[k]).abs().flatten() for k in one]) / 3e-2  # in units of lr
+        assert off.max() < 1e-2 and (off > 1e-3).float().mean() < 1e-3, (step, off.max(), (off > 1e-3).sum())
     m = metrics(tmp_path / "two")
     assert_same_metrics(metrics(tmp_path / "one"), m)
     assert m[0]["judge_requests"] == 4 * 3 and m[0]["kl"] > 0  # global counts; after round 1's first update: KL > 0
