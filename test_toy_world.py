@@ -3,6 +3,7 @@ budget, the cache (hit, miss, damaged), and one RL step of pref_grpo with the to
 every model goes to a temporary folder through PREF_GRPO_CACHE."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import pref_grpo as pg
 import toy_world as tw
@@ -22,71 +23,121 @@ TINY = tw.Settings(scenes=64, vae_steps=2, flux_steps=2, batch_size=8, vae_batch
 # ---------------------------------------------------------------------------------------------------------------------
 # The world and its checker
 # ---------------------------------------------------------------------------------------------------------------------
+def picture(*boxes, colour="red"):
+    """A hand-made scene: filled rectangles (x0, y0, width, height) of one colour, or (x0, y0, w, h, colour)."""
+    image = Image.new("RGB", (32, 32), tw.BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for x0, y0, w, h, *c in boxes:
+        draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=tw.COLOURS[c[0] if c else colour])
+    return image
+
+
 def test_prompt_sets_are_disjoint_parse_and_share_one_vocabulary():
+    assert len(tw.all_prompts()) == 120 and (len(tw.TRAIN_PROMPTS), len(tw.EVAL_PROMPTS)) == (99, 21)
     assert not set(tw.TRAIN_PROMPTS) & set(tw.EVAL_PROMPTS)
     assert sorted(tw.TRAIN_PROMPTS + tw.EVAL_PROMPTS) == sorted(tw.all_prompts())
     for p in tw.all_prompts():
         assert tw.prompt_text(tw.parse_prompt(p)) == p
+    assert tw.parse_prompt("Three  GREEN bars at the bottom") == tw.Spec("green", "bar", 3, "bottom")
     train_words = {w for p in tw.TRAIN_PROMPTS for w in p.split()}
     assert {w for p in tw.EVAL_PROMPTS for w in p.split()} <= train_words <= set(tw.WORDS)
-    # every kind of requirement is held out somewhere
+    # every kind of requirement and every count is held out somewhere
     assert {k for p in tw.EVAL_PROMPTS for k in tw.parse_prompt(p).kinds} == set(tw.KINDS)
-    with pytest.raises(ValueError):
-        tw.parse_prompt("a purple circle")
+    assert {tw.parse_prompt(p).count for p in tw.EVAL_PROMPTS} == {1, 2, 3}
+    for bad in ["a purple square", "a red squares", "two red square", "a red square on the top", "red square"]:
+        with pytest.raises(ValueError):
+            tw.parse_prompt(bad)
 
 
-def test_checker_is_right_on_drawn_scenes():
-    prompts = tw.all_prompts()
-    results = [tw.correct(p, tw.draw_scene(p, seed)) for seed in range(300) for p in [prompts[seed % len(prompts)]]]
-    assert sum(results) / len(results) >= 0.97
+def test_checker_is_right_on_every_drawn_scene():
+    for seed, prompt in enumerate(tw.all_prompts() * 2):
+        assert tw.correct(prompt, tw.draw_scene(prompt, seed)), (prompt, seed)
 
 
 def test_checker_fails_exactly_the_broken_requirement():
-    circle = tw.draw_scene("a red circle on the left", 3)
-    assert tw.check("a blue circle", circle) == {"colour": False, "shape": True, "count": True}
-    assert tw.check("a red square", circle) == {"colour": True, "shape": False, "count": True}
-    assert tw.check("two red circles", circle) == {"colour": True, "shape": True, "count": False}
-    assert tw.check("a red circle on the right", circle)["side"] is False
-    pair = tw.draw_scene("a red circle and a green square", 5)
-    assert tw.check("a red square and a green circle", pair)["shape"] is False  # shapes bound to their colours
-    assert tw.correct("a green square and a red circle", pair)
+    square = picture((2, 10, 10, 10))  # a red square on the left
+    assert tw.check("a red square on the left", square) == {"colour": True, "shape": True, "count": True, "side": True}
+    assert tw.check("a blue square", square) == {"colour": False, "shape": True, "count": True}
+    assert tw.check("a red bar", square) == {"colour": True, "shape": False, "count": True}
+    assert tw.check("two red squares", square) == {"colour": True, "shape": True, "count": False}
+    assert tw.check("a red square at the bottom", square)["side"] is False
+    bars = picture((2, 2, 12, 3), (2, 8, 12, 3), (18, 20, 12, 3))
+    assert tw.check("three red bars", bars) == {"colour": True, "shape": True, "count": True}
+    assert tw.check("three red bars on the left", bars)["side"] is False  # one of them is on the right
+    touching = picture((2, 2, 10, 3), (2, 5, 10, 3))  # two bars touching: one 10 x 6 region, read as a square
+    assert tw.check("two red bars", touching) == {"colour": True, "shape": False, "count": False}
+    speck = picture((2, 10, 10, 10), (25, 25, 2, 2, "blue"))  # a speck is not an object
+    assert tw.check("a red square", speck) == {"colour": True, "shape": True, "count": True}
     blank = Image.new("RGB", (32, 32), tw.BACKGROUND)
-    assert not any(tw.check("a yellow triangle on the left", blank).values())
+    assert not any(tw.check("a yellow bar at the top", blank).values())
 
 
-def test_accuracy_counts_each_kind_over_the_prompts_that_require_it():
-    prompts = ["a red circle on the left", "a red circle", "two blue squares"]
-    images = [tw.draw_scene("a red circle on the right", 0), tw.draw_scene("a red circle", 1),
-              tw.draw_scene("a blue square", 2)]
+def test_margin_by_hand():
+    # a 12 x 3 bar, centre x 7.5: aspect 4 is one octave past 2 (1), all pixels red (1) and in objects (1), 8 px past
+    # the middle (1)
+    assert tw.grade_scene("a red bar on the left", picture((2, 5, 12, 3)))[1] == 1.0
+    # an 8 x 6 box read as a square: aspect 4/3, log2(2 / (4/3)) = 0.585 octaves below 2; a 2-pixel blue speck:
+    # 48 of 50 foreground pixels red and in objects; centre y 12.5 is 3 px above the middle (15.5): 3 / 8
+    met, margin = tw.grade_scene("a red square at the top", picture((4, 10, 8, 6), (25, 25, 2, 1, "blue")))
+    assert all(met.values())
+    assert margin == pytest.approx((48 / 50 + 48 / 50 + math.log2(1.5) + 3 / 8) / 4)
+    # two bars: aspects 3 (log2 1.5) and 2 (on the threshold: a bar, margin 0)
+    met, margin = tw.grade_scene("two green bars", picture((1, 1, 9, 3), (1, 20, 6, 3), colour="green"))
+    assert met == {"colour": True, "shape": True, "count": True}
+    assert margin == pytest.approx((1 + 1 + math.log2(1.5) + 0) / 4)
+    # nothing drawn: every margin 0
+    assert tw.grade_scene("a red bar at the top", Image.new("RGB", (32, 32), tw.BACKGROUND)) == (
+        {"colour": False, "shape": False, "count": False, "side": False}, pytest.approx(1 / 4))
+
+
+def test_accuracy_and_grade_count_each_kind_over_the_prompts_that_require_it():
+    prompts = ["a red square on the left", "a red square", "two blue squares"]
+    images = [picture((20, 10, 10, 10)), picture((2, 2, 10, 10)), picture((2, 2, 10, 10), colour="blue")]
     acc = tw.accuracy(prompts, images)
     assert acc == {"colour": 1.0, "shape": 1.0, "count": pytest.approx(2 / 3), "side": 0.0, "all": pytest.approx(1 / 3)}
+    assert tw.grade(prompts, images) == [
+        {"checker_accuracy": 0.0, "checker_accuracy_colour": 1.0, "checker_accuracy_shape": 1.0,
+         "checker_accuracy_count": 1.0, "checker_accuracy_side": 0.0},
+        {"checker_accuracy": 1.0, "checker_accuracy_colour": 1.0, "checker_accuracy_shape": 1.0,
+         "checker_accuracy_count": 1.0},
+        {"checker_accuracy": 0.0, "checker_accuracy_colour": 1.0, "checker_accuracy_shape": 1.0,
+         "checker_accuracy_count": 0.0}]
+    assert next(iter(tw.grade(prompts, images)[0])) == "checker_accuracy"  # the first key frames before_after.png
 
 
-def test_judge_prefers_the_image_meeting_more_requirements_ties_equal_and_is_symmetric():
-    prompt = "two yellow triangles"
-    right = tw.draw_scene(prompt, 0)
-    one_wrong = tw.draw_scene("a yellow triangle", 1)  # count wrong only
-    two_wrong = tw.draw_scene("a yellow square", 2)    # count and shape wrong
-    other_right = tw.draw_scene(prompt, 7)
+def test_judge_ranks_by_requirements_then_margin_ties_exactly_and_is_symmetric():
+    prompt = "two yellow bars"
+    right = picture((2, 2, 12, 3), (2, 20, 12, 3), colour="yellow")        # all met, margin 1
+    right_short = picture((2, 2, 6, 3), (2, 20, 12, 3), colour="yellow")   # all met, one bar on the threshold
+    moved = picture((10, 4, 12, 3), (3, 25, 12, 3), colour="yellow")       # all met, margin 1: a tie with `right`
+    one_wrong = picture((2, 2, 12, 3), colour="yellow")                    # count wrong only
+    two_wrong = picture((2, 2, 8, 8), colour="yellow")                     # count and shape wrong
     blank = Image.new("RGB", (32, 32), tw.BACKGROUND)
-    a = [right, one_wrong, right, right, blank, one_wrong]
-    b = [one_wrong, two_wrong, other_right, right, two_wrong, one_wrong.copy()]
+    a = [right, right, right, one_wrong, blank, right_short, one_wrong]
+    b = [one_wrong, right_short, moved, two_wrong, two_wrong, one_wrong, one_wrong.copy()]
     probs, info = tw.judge([prompt] * len(a), a, b)
-    assert probs == [1.0, 1.0, 0.5, 0.5, 0.0, 0.5]
+    assert probs == [1.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.5]
     reverse, _ = tw.judge([prompt] * len(a), b, a)
     assert [p + q for p, q in zip(probs, reverse)] == [1.0] * len(a)
-    assert all(isinstance(v, (int, float)) for v in info.values())
+    assert info == {"toy_all_correct": pytest.approx(3 / 7)}  # distinct images: right, right_short, moved of 7
 
 
-def test_scorer_is_the_share_of_requirements_met():
-    images = [tw.draw_scene("a red circle on the left", 0), tw.draw_scene("a red circle", 1)]
-    scores, info = tw.scorer(["a red circle on the left", "a blue circle"], images)
-    assert scores == [1.0, pytest.approx(2 / 3)] and info == {"toy_all_correct": 0.5}
+def test_scorer_orders_images_as_the_judge_does():
+    prompt = "a red bar on the left"
+    images = [picture((2, 5, 12, 3)), picture((2, 5, 6, 3)), picture((20, 5, 12, 3)), picture((2, 5, 8, 8))]
+    scores, info = tw.scorer([prompt] * 4, images)
+    assert scores[0] == 1.0 and scores[2] < scores[1] < scores[0] and scores[3] < scores[1]
+    assert scores[2] == pytest.approx((3 + (1 + 1 + 1 + 0) / 4) / 5) and info == {"toy_all_correct": 0.5}
+    probs, _ = tw.judge([prompt] * 6, [images[i] for i in (0, 0, 0, 1, 1, 2)], [images[j] for j in (1, 2, 3, 2, 3, 3)])
+    assert scores[2] == scores[3]  # side wrong vs shape wrong, equal margins: an exact tie for both
+    assert probs == [0.5 if scores[i] == scores[j] else float(scores[i] > scores[j])
+                     for i, j in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))] == [1.0] * 5 + [0.5]
 
 
 def test_judge_plugs_into_the_trainers_group_judging():
     prompt = "a blue square"
-    images = [tw.draw_scene(prompt, 0), tw.draw_scene("a blue circle", 1), tw.draw_scene("a red circle", 2)]
+    images = [picture((4, 4, 10, 10), colour="blue"), picture((4, 4, 10, 6), colour="blue"),
+              picture((4, 4, 12, 3), colour="red")]
     pref, _ = pg.judge_groups(tw.judge, [prompt], images, 3)
     assert pg.win_rates(pref).tolist() == [[1.0, 0.5, 0.0]]
 
