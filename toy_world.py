@@ -56,7 +56,7 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 204, 0), "blue": (0, 0, 255), "yello
 # Two shapes a 1M-parameter model tells apart at 32 px: a filled square and a thin horizontal bar (width / height 1
 # against 3-6). Circles, squares and triangles came out as the same blob (docs/toy_world.md).
 SHAPES = ["square", "bar"]
-NUMBERS = {"a": 1, "two": 2, "three": 3}
+NUMBERS = {"a": 1, "two": 2}
 SIDES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 KINDS = ["colour", "shape", "count", "side"]
 
