@@ -99,7 +99,7 @@ def hub_cache(tmp_path_factory) -> Path:
     pg.tiny_pipeline("tiny-sd3").save_pretrained(snapshot(cache, HUB_IDS["sd3"]))
     save_vlm(tiny_vlm(), snapshot(cache, HUB_IDS["judge"]))
     save_vlm(tiny_vlm(seed=1), snapshot(cache, HUB_IDS["ugb_judge"]))
-    model, tokenizer, images = pg.load_clip("tiny", "cpu")
+    model, tokenizer, images = pg.load_clip("tiny", "cpu", as_trained=True)  # the checkpoint as trained
     for part in (model, tokenizer, images):
         part.save_pretrained(snapshot(cache, HUB_IDS["clip"]))
     return cache

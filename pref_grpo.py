@@ -12,12 +12,13 @@ blows those gaps up into large "illusory" advantages that the policy learns to e
 and keep their meaning.
 
 Launch:
-  python pref_grpo.py                                 # offline demo on a world of shapes (toy_world.py), CPU, minutes
+  python pref_grpo.py                                 # the offline demo (toy_world.py beside this file), CPU, minutes
   python pref_grpo.py --model tiny --train-steps 2    # smoke test: a tiny random FLUX, seconds, this file alone
+  python pref_grpo.py --model tiny --judge-fn my_rewards:prefer   # your own judge: any function, module:name
   vllm serve CodeGoat24/UnifiedReward-Think-qwen-7b --served-model-name UnifiedReward --port 8080 \\
       --limit-mm-per-prompt '{"image": 2}'            # the reward model, on GPUs of its own
-  torchrun --nproc_per_node 8 pref_grpo.py --preset pref-grpo-flux-lora --prompts train_prompt.txt \\
-      --judge-url http://localhost:8080/v1            # the official LoRA recipe on FLUX.1-dev, one prompt per GPU
+  torchrun --nproc_per_node 8 pref_grpo.py --preset pref-grpo-flux --prompts train_prompt.txt \\
+      --judge-url http://localhost:8080/v1            # the paper's run on FLUX.1-dev (docs/recipe.md)
   python pref_grpo.py --resume runs/RUN               # continue a run from its latest checkpoint
   python pref_grpo.py --help                          # every flag, grouped, with its default
 """
@@ -29,6 +30,7 @@ import base64
 import contextlib
 import dataclasses
 import http.client
+import importlib
 import inspect
 import io
 import json
@@ -40,6 +42,7 @@ import re
 import resource
 import shutil
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -63,16 +66,16 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 @dataclasses.dataclass
 class Args:
     # --- model and data
-    model: str = "toy"
-    """FLUX or SD3 pipeline (hub id or folder); toy: the demo's FLUX pretrained on shapes; tiny, tiny-sd3: random"""
+    model: str | None = None
+    """pipeline hub id or folder (FLUX, SD3); tiny, tiny-sd3: random, for smoke tests; module:function returning one"""
     preset: str | None = None
-    """every value of an official recipe (PRESETS) under the flags given; default: demo for toy/tiny models"""
+    """a recipe's values under the flags given: a name in PRESETS or module:NAME (a dict); tiny models: tiny"""
     prompts: str | None = None
-    """training prompts: .txt (one a line) or .jsonl (a "prompt" field); default: the toy world's"""
+    """training prompts: a text file (one a line), JSON lines with a "prompt" field, a JSON list, or module:NAME"""
     eval_prompts: str | None = None
-    """held-out prompts (same formats); default: the toy world's held-out ones, else the first --eval-count prompts"""
+    """held-out prompts (same forms); default: the first --eval-count training prompts"""
     output_dir: str | None = None
-    """where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go (default: runs/<date-time>)"""
+    """where args.json, metrics.jsonl, samples/, eval/ and checkpoints/ go; default: runs/<date-time>"""
     resume: str | None = None
     """a run folder (continue from its latest checkpoint, with its args.json) or one checkpoint folder"""
     seed: int = 0
@@ -111,12 +114,18 @@ class Args:
     # --- judge
     reward: Literal["pairwise", "pointwise"] = "pairwise"
     """pairwise: win rates (Pref-GRPO); pointwise: a scorer's scores, z-scored as plain GRPO does (the baseline)"""
-    judge_model: str | None = None
-    """served name (--judge-url), VLM hub id/folder run here, toy, colour; default: toy, colour (tiny), UnifiedReward"""
+    judge_fn: str | None = None
+    """your own pairwise judge, module:function: (prompts, images_a, images_b) -> P(a better than b) per pair"""
+    scorer_fn: str | None = None
+    """your own pointwise scorer for --reward pointwise, module:function: (prompts, images) -> a score per image"""
+    judge_model: str = "UnifiedReward"
+    """the reward server's served model name (with --judge-url), else a Qwen-VL hub id or folder run in this process"""
     judge_url: str | None = None
     """OpenAI-compatible base URL of the reward server, e.g. http://localhost:8080/v1"""
     judge_mode: Literal["generate", "logits"] = "generate"
     """generate: reasoning then verdict, as trained; logits: one forward pass, P("1") vs P("2") after a fixed prefix"""
+    judge_prompt: Literal["unifiedreward-think", "unifiedreward-think-qwen3vl"] = "unifiedreward-think"
+    """the judge's prompt as trained: UnifiedReward-Think-qwen-7b's (paper) or -qwen3vl-8b's (official since 2025-12)"""
     judge_order: Literal["balanced", "both", "first"] = "balanced"
     """shown first: balanced (each image in half its pairs), both (every pair twice), first (lower index; official)"""
     judge_max_tokens: int = 2048
@@ -128,11 +137,17 @@ class Args:
     judge_timeout: float = 300.0
     """seconds per request before it is retried"""
     judge_retries: int = 10
-    """retries per request; a pair that still fails is a tie, counted in judge_failed"""
+    """retries per request after the first attempt; a pair that still fails is a tie, counted in judge_failed"""
+    judge_retry_seconds: float = 60.0
+    """a request stops retrying this many seconds after its first failure (waits double from 1 s, at most 10 s)"""
+    judge_dead_rounds: int = 3
+    """stop the run after this many rounds in a row without one verdict (the first round of a run: at once)"""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the reward server's API key (never printed)"""
     clip_model: str | None = None
     """CLIP model of the CLIP-score reward (hub id or folder, e.g. apple/DFN5B-CLIP-ViT-H-14-378; `tiny`); none: off"""
+    clip_as_trained: bool = False
+    """run the CLIP model as trained (DFN5B: 378 px, QuickGELU); default: as the official reward, 224 px and GELU"""
     pref_weight: float = 1.0
     """weight of the z-scored win rates in the advantage"""
     clip_weight: float = 0.0
@@ -141,10 +156,14 @@ class Args:
     # --- advantages and loss
     adv_clip: float = 5.0
     """advantages are clamped to [-adv_clip, adv_clip]"""
+    gdpo: bool = False
+    """GDPO (official --apply_gdpo): z-score the weighted advantages again over the whole round, all processes'"""
     clip_range: float = 1e-4
     """PPO ratio clip; tiny because the log-probs are averaged over latent elements"""
     kl_beta: float = 0.0
     """weight of Flow-GRPO's KL term to the base model (LoRA switched off); 0 as in Pref-GRPO"""
+    rationorm: bool = False
+    """the official --rationorm: log-ratio plus the step means' gap, times the step's noise std; loss / |dt|"""
 
     # --- optimisation
     lr: float = 1e-5
@@ -154,9 +173,9 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient-norm clipping"""
     accum: int = 4
-    """trajectories per process per optimizer update (official: 4 of 8, the second update off-policy); 0: all"""
+    """trajectories per optimizer update over all processes, each accumulating its share (official: 256); 0: all"""
     train_batch_size: int = 0
-    """trajectories per training forward/backward (memory); 0: as many as --accum"""
+    """trajectories per training forward/backward (memory); 0: this process's whole share of --accum"""
     full: bool = False
     """full fine-tuning instead of LoRA (under torchrun: sharded with FSDP2)"""
     lora_rank: int = 64
@@ -179,31 +198,43 @@ class Args:
     """held-out prompts used ..."""
     eval_seeds: int = 4
     """... times this many held-out seeds, deterministic sampler; 0: no evaluation"""
+    eval_fn: str | None = None
+    """your own held-out metrics, module:function: (prompts, images) -> a dict of numbers per image (means logged)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (pip install wandb); metrics.jsonl stays the record"""
 
 
-# Official values (CodeGoat24/Pref-GRPO): the paper-era full fine-tuning run and the later LoRA script. Flags given on
-# the command line override them. What the official code does and this file does not is listed in docs/recipe.md.
-OFFICIAL = dict(model="black-forest-labs/FLUX.1-dev", resolution=720, sample_steps=25, eta=0.7, shift=3.0, group_size=8,
-                guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4, adv_clip=5.0,
-                train_fraction=0.6, accum=4, max_sequence_length=512, prompts_per_step=0, judge_model="UnifiedReward",
-                judge_max_tokens=2048, judge_order="first", clip_model="apple/DFN5B-CLIP-ViT-H-14-378", save_every=20)
+# The official runs by name (CodeGoat24/Pref-GRPO; every value with its file and line in docs/recipe.md), each the
+# global recipe on any number of processes: 64 prompts x G = 8 a round, an update every 256 trajectories, 3 epochs of
+# the 10,000 training prompts (157 rounds each on 64 GPUs). Flags given on the command line override them.
+PAPER_RUN = dict(model="black-forest-labs/FLUX.1-dev", full=True, resolution=720, sample_steps=25, eta=0.7, shift=3.0,
+                 group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
+                 adv_clip=5.0, train_fraction=0.6, prompts_per_step=64, accum=256, train_batch_size=1, train_steps=471,
+                 max_sequence_length=512, judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first",
+                 judge_retries=9, clip_model="apple/DFN5B-CLIP-ViT-H-14-378", pref_weight=0.7, clip_weight=1.4,
+                 save_every=20)
+HEAD_RUN = {**PAPER_RUN, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True,
+            "judge_prompt": "unifiedreward-think-qwen3vl", "judge_max_tokens": 4096, "judge_timeout": 160.0}
 PRESETS = {
-    "pref-grpo-flux": {**OFFICIAL, "full": True, "pref_weight": 0.7, "clip_weight": 1.4},
-    "pref-grpo-flux-lora": {**OFFICIAL, "full": False, "lora_rank": 64, "lora_alpha": 128.0, "pref_weight": 0.4,
-                            "clip_weight": 0.6},
-    # The offline demo: a small model learns in minutes on 2 CPU cores with a larger step and more updates per round.
-    "demo": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8,
+    "pref-grpo-flux": PAPER_RUN,  # the paper's run: 0bd1a34 finetune_prefgrpo_flux.sh + train_flux_pref_grpo.py
+    "pref-grpo-flux-head": HEAD_RUN,  # 3e787f6 scripts/full_train/ur_think_prefgrpo_flux.sh + _common_finetune.sh
+    "pref-grpo-flux-head-lora": {**HEAD_RUN, "full": False, "lora_rank": 64, "lora_alpha": 128.0},  # scripts/lora/...
+    # The smoke test on the random tiny models (seconds on a CPU), with the colour judge and prompts of this file.
+    "tiny": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8,
                  lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40,
-                 sample_every=20, eval_every=40, eval_seeds=4, eval_count=15, eta=0.3),
+                 sample_every=20, eval_every=40, eval_seeds=4, eval_count=15, eta=0.3, prompts="pref_grpo:TINY_PROMPTS",
+                 judge_fn="pref_grpo:colour_judge", scorer_fn="pref_grpo:colour_scorer"),
 }
+# `python pref_grpo.py` without --model, --preset or --resume: the offline demo, a world of shapes that toy_world.py
+# (beside this file) draws, judges and pretrains a tiny FLUX on. Named, not imported: this file runs without it.
+DEMO_PRESET = "toy_world:DEMO"
 RANGES = {name: interval for interval, names in {  # allowed values, checked when the flags are parsed
     "[0,inf)": "prompts_per_step guidance sde_window judge_image_size judge_retries pref_weight clip_weight kl_beta "
                "weight_decay accum train_batch_size eval_every eval_seeds",
     "[1,inf)": "train_steps max_sequence_length judge_max_tokens judge_workers lora_rank save_every keep_checkpoints "
-               "sample_every eval_count cfg_scale", "[2,inf)": "group_size sample_steps", "[8,inf)": "resolution",
-    "(0,inf)": "shift judge_timeout adv_clip max_grad_norm lora_alpha", "(0,1)": "clip_range lr", "(0,10]": "eta",
+               "sample_every eval_count cfg_scale judge_dead_rounds",
+    "(0,inf)": "shift judge_timeout judge_retry_seconds adv_clip max_grad_norm lora_alpha", "(0,1)": "clip_range lr",
+    "[2,inf)": "group_size sample_steps", "[8,8192]": "resolution", "[0,4294967295]": "seed", "(0,10]": "eta",
     "(0,1]": "train_fraction"}.items() for name in names.split()}
 # What a resumed run may not change: the checkpoint's weights, optimizer state or random streams depend on them.
 FIXED_ON_RESUME = ("model", "full", "lora_rank", "lora_alpha", "seed", "group_size", "prompts_per_step")
@@ -213,11 +244,37 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def load_object(spec: str, flag_name: str, hint: str | None = None):
+    """`module:name` -> that object, the module imported from the working directory or the installed packages
+    (`pref_grpo` is this file, also when it runs as a script). How your own judge, scorer, metrics, prompts, preset or
+    model builder plug in without editing this file."""
+    module, _, name = spec.partition(":")
+    if not module or not name.isidentifier():
+        sys.exit(f"error: {flag_name} {spec!r}: expected module:name, e.g. my_rewards:prefer")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(1, os.getcwd())
+    try:
+        found = sys.modules[__name__] if module in ("pref_grpo", "__main__") else importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module.split(".")[0] and err.name != module:
+            raise  # the module was found but lacks a dependency: its own traceback says which
+        sys.exit(f"error: {flag_name} {spec}: " + (hint or f"no module {module!r} in the working directory or the "
+                                                         "installed packages"))
+    if not hasattr(found, name):
+        sys.exit(f"error: {flag_name} {spec}: module {module!r} has no {name!r}")
+    return getattr(found, name)
+
+
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """One --flag per Args field, its docstring as help, grouped by the `# ---` comments. `suppress` leaves unset flags
-    out (to tell which ones a user typed)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 3)[-1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """One --flag per Args field, its docstring as help, grouped by the `# ---` comments; the presets in the epilog.
+    `suppress` leaves unset flags out (to tell which ones a user typed)."""
+    presets = "\n".join(textwrap.fill(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()), 118,
+                                       subsequent_indent="    ") for name, values in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{__doc__.split(chr(10) * 2, 3)[-1]}\nPresets (--preset NAME; flags given override them):\n{presets}\n"
+               f"Without --model, --preset or --resume: --preset {DEMO_PRESET}, the offline demo, whose values differ "
+               "from the defaults above (see toy_world.py).")
     parser.error = lambda message: sys.exit(f"error: {message}")  # one line, not usage + error
     fields, hints, docs, group = {f.name: f for f in dataclasses.fields(Args)}, get_type_hints(Args), {}, parser
     for line in inspect.getsource(Args).splitlines():  # the docstring under each field, the group comment above it
@@ -230,7 +287,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     for name, (group, doc) in docs.items():
         hint, default = hints[name], fields[name].default
         choices = get_args(hint) if get_origin(hint) is Literal else None
-        kw = dict(default=argparse.SUPPRESS if suppress else default, help=f"{doc.strip()} (default: {default})")
+        shown = "" if "default" in doc or default is None else f" (default: {default})"  # each default once
+        kw = dict(default=argparse.SUPPRESS if suppress else default, help=doc.strip() + shown)
         if hint in (bool, bool | None):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -239,6 +297,20 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                       lambda s, b=base: None if s.lower() == "none" else b(s))
         group.add_argument(flag(name), **kw)
     return parser
+
+
+def preset_values(name: str, typed: bool) -> dict:
+    """A built-in preset, or a dict named module:NAME (the demo's lives in toy_world.py)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if ":" not in name:
+        sys.exit(f"error: --preset must be one of {', '.join(PRESETS)} or module:NAME (got {name!r})")
+    hint = None if typed else ("python pref_grpo.py without --model runs the demo, which needs toy_world.py beside "
+                               "this file; alone, it trains the model you name (--model), or --model tiny (a test)")
+    values = load_object(name, "--preset", hint)
+    if not isinstance(values, dict) or (bad := [k for k in values if k not in Args.__dataclass_fields__]):
+        sys.exit(f"error: --preset {name}: not a dict of flag values" + (f" (unknown: {bad[0]})" if bad else ""))
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -254,15 +326,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
             sys.exit(f"error: --resume {given['resume']}: no readable args.json in {saved}")
         base = {k: v for k, v in base.items() if k in values and k != "resume"}
     preset = given.get("preset", base.get("preset"))
-    model = given.get("model", base.get("model", values["model"]))
-    if preset is None and not base and (model == "toy" or model.startswith("tiny")):
-        preset = "demo"
-    if "judge_model" not in given and "judge_model" not in base:
-        values["judge_model"] = "toy" if model == "toy" else "colour" if model.startswith("tiny") else "UnifiedReward"
-    if preset is not None and preset not in PRESETS:
-        sys.exit(f"error: --preset must be one of {', '.join(PRESETS)} (got {preset!r})")
-    args = Args(**{**values, **(PRESETS[preset] if preset and not base else {}), **base, **given, "preset": preset})
+    if preset is None and not base:  # tiny models get theirs; no model at all: the demo
+        preset = "tiny" if given.get("model") in ("tiny", "tiny-sd3") else None if "model" in given else DEMO_PRESET
+    preset_set = preset_values(preset, "preset" in given) if preset and not base else {}
+    args = Args(**{**values, **preset_set, **base, **given, "preset": preset})
     args.given = sorted(given)  # which flags the user typed (not a field: args.json keeps resolved values only)
+    if {"judge_url", "judge_model"} & set(given) and "judge_fn" not in given:
+        args.judge_fn = None  # a judge named on the command line replaces the preset's function
+    if not args.model:
+        sys.exit("error: --model is required with this preset (a pipeline's hub id or folder)")
     for name, interval in RANGES.items():  # "(lo,hi]": open or closed ends
         v, (lo, hi) = getattr(args, name), (float(x) for x in interval[1:-1].split(","))
         if v is not None and not (lo <= v <= hi and (v, interval[0]) != (lo, "(") and (v, interval[-1]) != (hi, ")")):
@@ -274,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
                  "--full has no adapter")
     if args.clip_weight > 0 and not args.clip_model:
         sys.exit("error: --clip-weight needs --clip-model")
+    if args.reward == "pointwise" and not args.scorer_fn:
+        sys.exit("error: --reward pointwise needs --scorer-fn module:function (a score per image)")
     if args.device:
         try:
             dev = torch.device(args.device)
@@ -329,16 +403,18 @@ def sde_step(v, x, sigma, sigma_next, eta: float, sigma_cap: float, prev=None, g
 
 @torch.no_grad()
 def rollout(pipe, cond: dict, noise, sigmas, sde_mask: list[bool], eta: float, guidance: float, img_ids, generator,
-            cfg_scale: float = 1.0):
+            cfg_scale: float = 1.0, means: list | None = None):
     """Denoise the whole batch, one transformer call per step. Returns all latents (n, T+1, ...), the transitions'
     log-probs (n, T; 0 on Euler steps) and the last x0-prediction x - sigma v: the image to judge, without the noise
-    the last SDE step adds."""
+    the last SDE step adds. A list given as `means` collects each step's mean (--rationorm needs them)."""
     x, latents, log_probs = noise.float(), [noise.float()], []
     for i in range(len(sigmas) - 1):
         v = velocity(pipe, x, float(sigmas[i]), cond, img_ids, guidance, cfg_scale)
         x0 = x - float(sigmas[i]) * v.float()
-        x, lp, _, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0,
-                               float(sigmas[1]), generator=generator)
+        x, lp, mean, _ = sde_step(v, x, float(sigmas[i]), float(sigmas[i + 1]), eta if sde_mask[i] else 0.0,
+                                  float(sigmas[1]), generator=generator)
+        if means is not None:
+            means.append(mean)
         latents.append(x)
         log_probs.append(lp)
     return torch.stack(latents, 1), torch.stack(log_probs, 1), x0
@@ -377,6 +453,49 @@ UNIFIEDREWARD_THINK_PROMPT = (
     "</think>\n<answer>Image 1 is better</answer>\n**Note: In the example above, scores and the final answer are "
     "placeholders meant only to demonstrate the format. Your actual evaluation should be based on the quality of two "
     "given images.**\n\nYour task is provided as follows:\nText Caption: [{prompt}]")
+# UnifiedReward-Think-qwen3vl-8b's pairwise prompt, byte for byte as the official trainer sends it since 2025-12
+# (CodeGoat24/Pref-GRPO fastvideo/rewards/templates.py get_unifiedreward_think_image_template; Pref-GRPO's licence
+# terms, the UnifiedReward models MIT); same verdict format. The indentation and the trailing spaces are its own.
+UNIFIEDREWARD_THINK_QWEN3VL_PROMPT = (
+    "You are an objective and precise evaluator for image quality comparison. I will provide you with a text "
+    "caption and two images generated based on this caption. You must analyze the two images carefully and "
+    "determine which image is better.\n\n        Evaluation procedure:\n\n"
+    "        1. The caption for the generated images is: 「{prompt}」. You must evaluate the two images across these "
+    "core dimensions:\n        - Semantic consistency (how closely the image content aligns with the caption)\n"
+    "        - Aesthetics (composition, color usage, artistic expression)\n"
+    "        - Authenticity (realism and attention to detail)\n\n"
+    "        2. You are also encouraged to add up to two additional evaluation dimensions if they are relevant to "
+    "the specific caption or images (e.g., creativity, spatial layout, fine-grained detail). If no extra "
+    "dimensions are relevant, just keep the three core dimensions.\n\n        3. For each evaluation dimension:\n"
+    "        - Provide a score between 1–10 for both Image 1 and Image 2\n"
+    "        - Provide a short rationale for each score (2–5 short sentences)\n"
+    "        - The evaluation must follow exactly this format with line breaks and indentation:\n"
+    "            Dimension name: \n                Image 1 (x/10) - rationale; \n"
+    "                Image 2 (y/10) - rationale\n\n"
+    "        4. After evaluating all dimensions, calculate the total score for each image and show the calculation "
+    "explicitly, following this exact format:\n            Total score:\n            Image 1: x+x+x=total\n"
+    "            Image 2: y+y+y=total\n\n"
+    "        5. Wrap all reasoning and scoring strictly within <think> and </think> tags.\n\n"
+    "        6. After </think>, output the final judgment strictly inside <answer> and </answer> tags, containing "
+    "only one of:\n        - Image 1 is better\n        - Image 2 is better\n\n        Constraints:\n"
+    "        - You must strictly follow the line breaks, indentation, and formatting shown in the example below.\n"
+    "        - Do not merge multiple dimensions into one line. Each dimension must follow the 3-line block format "
+    "shown below.\n        - Do not use Markdown formatting, bullet points, bold text, or headings.\n"
+    "        - Do not output explanations outside <think> and <answer>.\n"
+    "        - The <answer> tag must contain only the final string with no extra words.\n\n"
+    "        Required output format:\n\n        <think>\n        1. Semantic consistency: \n"
+    "            Image 1 (9/10) - ...; \n            Image 2 (7/10) - ...\n        2. Aesthetics: \n"
+    "            Image 1 (8/10) - ...; \n            Image 2 (8/10) - ...\n        3. Authenticity: \n"
+    "            Image 1 (8/10) - ...; \n            Image 2 (5/10) - ...\n        [Additional dimension if any]: \n"
+    "            Image 1 (7/10) - ...; \n            Image 2 (8/10) - ...\n        [Additional dimension if any]: \n"
+    "            Image 1 (6/10) - ...; \n            Image 2 (7/10) - ...\n        Total score:\n"
+    "        Image 1: 9+8+8+7+6=38\n        Image 2: 7+8+5+8+7=35\n        </think>\n"
+    "        <answer>Image 1 is better</answer>\n\n"
+    "        Note: The example above is only to illustrate the exact format (line breaks, indentation, symbols, "
+    "and style). Your actual evaluation must follow this format exactly, but be based on the given caption and "
+    "images.\n        ")
+JUDGE_PROMPTS = {"unifiedreward-think": UNIFIEDREWARD_THINK_PROMPT,
+                 "unifiedreward-think-qwen3vl": UNIFIEDREWARD_THINK_QWEN3VL_PROMPT}
 # Logits mode (ours, not a trained format): the reply prefilled with a neutral <think> block and the answer up to the
 # image number, so one forward pass gives P("1") vs P("2"). The trailing space: Qwen tokenizes space and digit apart.
 LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthetics and authenticity, "
@@ -384,13 +503,13 @@ LOGITS_PREFIX = ("<think>\nI scored both images on semantic consistency, aesthet
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def judge_text(prompt: str) -> str:
-    return UNIFIEDREWARD_THINK_PROMPT.replace("{prompt}", prompt)  # not .format: a prompt may hold braces
+def judge_text(prompt: str, template: str = "unifiedreward-think") -> str:
+    return JUDGE_PROMPTS[template].replace("{prompt}", prompt)  # not .format: a prompt may hold braces
 
 
 def parse_verdict(reply: str | None) -> float | None:
-    """As the official trainer reads a reply: the first <answer> with "Image 1 is better" -> 1.0, "Image 2 is better"
-    -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
+    """As the official trainer reads a reply of either prompt: the first <answer> with "Image 1 is better" -> 1.0,
+    "Image 2 is better" -> 0.0; anything else is None, which counts as a tie (0.5), as there."""
     m = ANSWER.search(reply) if isinstance(reply, str) else None
     return None if not m else 1.0 if "Image 1 is better" in m[1] else 0.0 if "Image 2 is better" in m[1] else None
 
@@ -436,7 +555,8 @@ def score_groups(scorer, prompts: list[str], images: list[Image.Image], group_si
     scores, info = scorer([p for p in prompts for _ in range(group_size)], images)
     r = torch.tensor([float("nan") if x is None else float(x) for x in scores]).view(len(prompts), group_size)
     fill = torch.nanmean(r, 1, keepdim=True).nan_to_num(0.0).expand_as(r)
-    return torch.where(r.isnan(), fill, r), {"judge_failed": sum(x is None for x in scores), **info}
+    failed = sum(x is None for x in scores)
+    return torch.where(r.isnan(), fill, r), {"judge_requests": len(images), "judge_failed": failed, **info}
 
 
 # ======================================================================================================================
@@ -458,10 +578,21 @@ def group_zscore(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), torch.zeros_like(z), z)
 
 
-def group_advantages(rewards: list[torch.Tensor], weights: list[float], clip: float = 5.0) -> torch.Tensor:
+def round_zscore(adv: torch.Tensor, device="cpu", eps: float = 1e-8) -> torch.Tensor:
+    """GDPO: (A - mean) / (std + eps) over every trajectory of the round on all processes (Bessel-corrected std, as
+    the official --apply_gdpo). Only sums cross processes: n, sum A, sum A^2."""
+    s = all_reduce({"n": adv.numel(), "sum": adv.sum().item(), "sq": adv.double().pow(2).sum().item()}, device)
+    mean = s["sum"] / s["n"]
+    return (adv - mean) / (math.sqrt(max(s["sq"] - s["n"] * mean**2, 0.0) / (s["n"] - 1)) + eps)
+
+
+def group_advantages(rewards: list[torch.Tensor], weights: list[float], clip: float = 5.0, gdpo: bool = False,
+                     device="cpu") -> torch.Tensor:
     """A = sum_k w_k z(r_k), each reward z-scored inside its group (win rates and CLIP scores live on different
-    scales), clamped to [-clip, clip] (official: 0.7 z(win rate) + 1.4 z(CLIP cosine), clamp 5)."""
-    return sum(w * group_zscore(r) for r, w in zip(rewards, weights)).clamp(-clip, clip)
+    scales), with --gdpo z-scored again over the round, clamped to [-clip, clip] (paper: 0.7 z(win rate) + 1.4
+    z(CLIP cosine), clamp 5). GDPO keeps only the weights' ratio: 0.4 : 0.6 is 2 : 3."""
+    adv = sum(w * group_zscore(r) for r, w in zip(rewards, weights))
+    return (round_zscore(adv, device) if gdpo else adv).clamp(-clip, clip)
 
 
 # ======================================================================================================================
@@ -484,6 +615,15 @@ def flow_grpo_kl(mean, base_mean, std_t) -> torch.Tensor:
     return ((mean - base_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_t.flatten() ** 2)
 
 
+def rationorm(log_prob, old_log_prob, mean, old_mean, std_t, dt):
+    """The official --rationorm, per row: with s = std_t sqrt(|dt|) the step's noise std, log r = s (log_prob -
+    old_log_prob + mean |mean - old_mean|^2 / (2 s^2)), that is the mean of the step's sampled unit noise times the
+    policy's shift of the mean; the loss term is then divided by |dt|. Returns (log r, 1 / |dt|)."""
+    s = std_t.flatten() * dt.abs().sqrt()
+    gap = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * s**2)
+    return (log_prob - old_log_prob + gap) * s, 1 / dt.abs()
+
+
 def transition(pipe, batch: dict, idx, steps, args: Args):
     """Transitions steps[r] -> steps[r] + 1 of trajectories idx[r] under the current weights: (log-prob of the stored
     next latent, with gradient; the step's mean; std_t)."""
@@ -493,22 +633,35 @@ def transition(pipe, batch: dict, idx, steps, args: Args):
     return sde_step(v, x, sig[steps], sig[steps + 1], args.eta, float(sig[1]), prev=lat[idx, steps + 1])[1:]
 
 
+def accumulation(accum: int, world: int, per_process: int) -> tuple[int, str]:
+    """--accum is global: trajectories per optimizer update over all processes, each process accumulating accum / world
+    of its own (0: all of them, one update a round). Returns that share and a line for the start-up message."""
+    if accum % world:
+        sys.exit(f"error: --accum ({accum}) counts trajectories per update over all {world} processes and must be a "
+                 f"multiple of {world}")
+    share = min(accum // world or per_process, per_process)
+    full, rest = divmod(per_process, share)
+    return share, (f"{full + (rest > 0)} update(s) a round over {share * world} trajectories each ({share} per "
+                   f"process){f', the last over {rest * world}' if rest else ''}")
+
+
 def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Args) -> dict:
-    """Section 5 for one round. This process's trajectories are cut into chunks of --accum; each chunk's loss (mean
-    over its trajectories, all processes', and their trained transitions) is one optimizer update. Chunks after the
-    first are off-policy (the weights moved since sampling: the ratio leaves 1 and the clip acts). Zero-advantage
-    trajectories get no forward/backward (their loss is exactly 0)."""
+    """Section 5 for one round: an optimizer update per --accum trajectories of all processes, its loss the mean over
+    them and their trained transitions. Update j takes the j-th slice of every group (official: each GPU's first 4 of
+    8, then the last 4) on any number of processes; it is off-policy after the first (the ratio leaves 1, the clip
+    acts). Zero-advantage trajectories run no forward/backward, yet an update of only those still steps, as
+    officially (AdamW's momentum and weight decay move the weights). A non-finite loss or gradient norm raises
+    FloatingPointError."""
     dev, trained, world = batch["latents"].device, batch["trained"], world_size()
-    (n, k), sharded, size = trained.shape, args.full and world > 1, args.accum or trained.shape[0]
+    (n, k), sharded, size = trained.shape, args.full and world > 1, accumulation(args.accum, world, trained.shape[0])[0]
+    order = torch.arange(n).view(-1, args.group_size).t().flatten()  # every group's first trajectories, then ...
     sums = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0, **({"kl": 0.0} if args.kl_beta else {})}
-    out, terms = {"updates": 0, "skipped_updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
+    out, terms = {"updates": 0, "ratio_dev": 0.0, "grad_norm": 0.0}, 0
     pipe.transformer.train()
     for start in range(0, n, size):
-        chunk = torch.arange(start, min(start + size, n))
-        keep = chunk[adv[chunk] != 0]
-        if all_reduce({"n": len(keep)}, dev)["n"] == 0:
-            continue
-        weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the chunk's trajectories
+        chunk = order[start:start + size]
+        keep, finite = chunk[adv[chunk] != 0], True
+        weight = 1.0 / (len(chunk) * world * k)  # each term's share of the mean over the update's trajectories
         micro = list(keep.split(args.train_batch_size or size)) if len(keep) else []
         if sharded:  # FSDP gathers weights inside each forward: every process must run as many passes
             micro += [keep[:0]] * (int(all_reduce({"n": len(micro)}, dev, "max")["n"]) - len(micro))
@@ -516,30 +669,39 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
             w, rows = weight * len(idx), len(idx)  # statistics: a mean over the real (trajectory, transition) terms
             idx = idx if len(idx) else chunk[:1]  # a padding pass carries weight 0
             for j in range(k):
-                lp, mean, std_t = transition(pipe, batch, idx, trained[idx, j], args)
-                loss, s = grpo_loss(lp, batch["log_probs"][idx, trained[idx, j]], adv[idx].to(lp.device),
-                                    args.clip_range)
+                steps = trained[idx, j]
+                lp, mean, std_t = transition(pipe, batch, idx, steps, args)
+                old, a = batch["log_probs"][idx, steps], adv[idx].to(lp.device)
+                if args.rationorm:
+                    dt = (batch["sigmas"][steps + 1] - batch["sigmas"][steps]).to(lp.device)
+                    lp, scale = rationorm(lp, old, mean, batch["means"][idx, steps], std_t, dt)
+                    old, a = torch.zeros_like(old), a * scale  # a positive factor per row passes through the max
+                loss, s = grpo_loss(lp, old, a, args.clip_range)
                 if args.kl_beta:  # Flow-GRPO's KL to the base model on the same transition
                     with torch.no_grad(), adapters_off(pipe.transformer):
-                        base_mean = transition(pipe, batch, idx, trained[idx, j], args)[1]
+                        base_mean = transition(pipe, batch, idx, steps, args)[1]
                     kl = flow_grpo_kl(mean, base_mean, std_t).mean()
                     loss, s["kl"] = loss + args.kl_beta * kl, kl.item()
                 (loss * w).backward()
+                s["loss"] = loss.item()
+                finite &= math.isfinite(s["loss"])
                 out["ratio_dev"] = max(out["ratio_dev"], s.pop("ratio_dev") if rows else 0.0)
-                for key, value in [*s.items(), ("loss", loss.item())]:
+                for key, value in s.items():
                     sums[key] += value * rows
                 terms += rows
         if world > 1 and not sharded:
             sum_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-        if math.isfinite(norm):
-            optimizer.step()
-            out["updates"] += 1
-            out["grad_norm"] = max(out["grad_norm"], norm)
-        else:  # a NaN/inf loss or gradient must not poison the weights: drop this update, keep training
-            out["skipped_updates"] += 1
+        bad_loss = all_reduce({"bad": not finite}, dev, "max")["bad"]  # the same verdict on every process
+        if bad_loss or not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)  # the weights stay as they were: the caller stops the run
+            raise FloatingPointError("non-finite loss" if bad_loss else f"non-finite gradient norm ({norm})")
+        for p in params:  # no gradient (all advantages 0) is a zero gradient: AdamW skips parameters without one
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        out["updates"], out["grad_norm"] = out["updates"] + 1, max(out["grad_norm"], norm)
     pipe.transformer.eval()
     sums = all_reduce({**sums, "terms": terms}, dev)
     terms = max(sums.pop("terms"), 1)
@@ -624,13 +786,21 @@ def hub_error(name: str, err: Exception, what: str) -> str:
     if "LocalEntryNotFound" in kind or re.search(r"offline|not fully cached|outgoing traffic|requested files", text):
         return (f"error: {what} {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
                 f"(offline?): download it first (`hf download {name}`) or pass a local folder")
-    return f"error: cannot load {what} {name!r}: {text.strip().splitlines()[0] if text.strip() else kind}"
+    return f"error: cannot load {what} {name!r}: {' '.join(text.split())[:300] or kind}"
 
 
 def check_model_name(name: str, what: str) -> None:
-    """A folder must exist; `org/name` is a hub id (the hub library resolves it, from its cache when offline)."""
+    """A folder must exist, with every component its model_index.json names; `org/name` is a hub id (the hub library
+    resolves it, from its cache when offline)."""
     if not os.path.exists(name) and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         sys.exit(f"error: {what} {name!r}: no such folder, and not a hub id (org/name)")
+    try:
+        parts = json.loads((Path(name) / "model_index.json").read_text()) if os.path.isdir(name) else {}
+    except (OSError, ValueError):
+        parts = {}  # not a pipeline folder (a judge, CLIP), or one the loader will name the fault of
+    for part, (library, _) in ((k, v) for k, v in parts.items() if isinstance(v, list) and len(v) == 2):
+        if library and not (Path(name) / part).is_dir():
+            sys.exit(f"error: {what} {name}: its model_index.json names a {part!r} component, but {part}/ is missing")
 
 
 def load_pipeline(model: str, device=None, dtype=None):
@@ -668,8 +838,8 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
-        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=LORA_TARGETS))
+        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                           target_modules=LORA_TARGETS))  # official: Kaiming-uniform A, zero B
     for p in (p for p in transformer.parameters() if p.requires_grad):
         p.data = p.data.float()
     if args.full and world_size() > 1:
@@ -778,7 +948,7 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
 # Reward models: the judge's transport (an OpenAI-compatible server, or Qwen-VL in this process), CLIP, offline judges
 # ======================================================================================================================
 # The standard library's HTTP client: no dependency for the reward server. unigenbench.py has its own copy (runs alone).
-RETRY_BACKOFF_S = 1.0  # first retry delay; doubles each attempt (tests make it small)
+RETRY_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # first retry delay, doubling up to the cap (tests make them small)
 
 
 def http_headers(key_env: str) -> dict:
@@ -804,10 +974,19 @@ def served_models(url: str, key_env: str, timeout: float = 30.0) -> list[str]:
         sys.exit(scrub(f"error: judge server {url} answered HTTP {e.code} on /models{hint}", key_env))
     except (OSError, http.client.HTTPException) as e:
         sys.exit(scrub(f"error: judge server {url} is not reachable: {getattr(e, 'reason', None) or e}", key_env))
-    try:  # a reachable server with an odd /models reply is still usable
-        return [m["id"] for m in json.loads(body)["data"]]
-    except (ValueError, LookupError, TypeError):
+    try:
+        listed = json.loads(body)
+    except ValueError:  # a web page, a proxy: every request would fail the same way
+        sys.exit(scrub(f"error: judge server {url} answered /models with something that is not JSON ({not_json(body)}):"
+                       " --judge-url must be an OpenAI-compatible API, e.g. http://HOST:8080/v1", key_env))
+    try:  # a server with an odd but JSON /models reply may still answer chat completions
+        return [m["id"] for m in listed["data"]]
+    except (LookupError, TypeError):
         return []
+
+
+def not_json(body: bytes) -> str:
+    return f"it starts {body[:60].decode(errors='replace')!r}" if body.strip() else "an empty reply"
 
 
 def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
@@ -819,23 +998,38 @@ def jpeg_data_url(image: Image.Image, max_side: int = 0) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, extract):
+def post_json(url: str, payload: dict, headers: dict, timeout: float, retries: int, extract,
+              retry_seconds: float = 60.0):
     """POST with retries; (extract(reply) or None, attempts, last error). Timeouts, dropped connections, 5xx, 408,
-    429 and unreadable replies are retried with jittered exponential backoff; other 4xx are not. Never raises."""
-    error = None
+    429 and cut-off JSON are retried with jittered, capped exponential backoff until `retries` or `retry_seconds` after
+    the first failure run out; other 4xx and replies that are not JSON (a web page) are not. Never raises."""
+    error, first_failure = None, None
     for attempt in range(retries + 1):
         try:
             req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # the timeout bounds connect and every read
-                return extract(json.loads(resp.read())), attempt + 1, None
+                body, kind = resp.read(), resp.headers.get_content_type()
+            if "json" not in kind and not body.lstrip().startswith(b"{"):
+                return None, attempt + 1, f"the reply is not JSON ({kind}, {not_json(body)}): not an OpenAI API"
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise ValueError(f"cut-off or invalid JSON ({not_json(body)})") from None
+            try:
+                return extract(data), attempt + 1, None
+            except (LookupError, TypeError, AttributeError) as e:
+                raise ValueError(f"JSON that is not an OpenAI chat completion ({type(e).__name__}: {e})") from None
         except urllib.error.HTTPError as e:
             error = f"HTTP {e.code}"
             if e.code < 500 and e.code not in (408, 429):
                 return None, attempt + 1, error  # a request the server rejects will be rejected again
-        except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError) as e:
+        except (OSError, http.client.HTTPException, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
-        if attempt < retries:  # jitter keeps many workers from retrying in lockstep
-            time.sleep(RETRY_BACKOFF_S * 2 ** attempt * random.uniform(1.0, 1.5))
+        first_failure = first_failure or time.monotonic()
+        wait = min(RETRY_BACKOFF_S * 2 ** attempt, MAX_BACKOFF_S) * random.uniform(1.0, 1.5)  # jitter: no lockstep
+        if attempt == retries or time.monotonic() + wait - first_failure > retry_seconds:
+            return None, attempt + 1, error
+        time.sleep(wait)
     return None, retries + 1, error
 
 
@@ -862,7 +1056,7 @@ def answer_prob(data: dict) -> float | None:
 
 def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: str, *, max_tokens: int,
                 workers: int, timeout: float, retries: int, key_env: str, max_side: int = 0, prefill: str | None = None,
-                extract=reply_text, extra: dict | None = None) -> tuple[list, dict]:
+                extract=reply_text, extra: dict | None = None, retry_seconds: float = 60.0) -> tuple[list, dict]:
     """One chat completion per (text, images) request, images first, many in flight. Returns extract(reply) per
     request (None: failed after its retries) and {"failed", "attempts", "errors"}. Sampling is left to the server,
     as the official clients leave it."""
@@ -876,7 +1070,8 @@ def server_chat(requests: list[tuple[str, list[Image.Image]]], url: str, model: 
             messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
             messages += [{"role": "assistant", "content": prefill}] if prefill is not None else []
             payloads.append({"model": model, "messages": messages, "max_tokens": max_tokens, **(extra or {})})
-        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract), payloads))
+        results = list(pool.map(lambda p: post_json(endpoint, p, headers, timeout, retries, extract, retry_seconds),
+                                payloads))
     errors = [scrub(r[2], key_env) for r in results if r[0] is None and r[2]]
     return [r[0] for r in results], {"failed": sum(r[0] is None for r in results),
                                      "attempts": sum(r[1] for r in results), "errors": errors}
@@ -945,66 +1140,123 @@ def local_answer_probs(vlm: tuple, requests, batch_size: int = 8) -> list[float]
     return probs
 
 
+def user_function(spec: str, flag_name: str, pairwise: bool):
+    """Your judge (pairwise: P(a better than b) per pair) or scorer (a score per image) as the loop calls it: values
+    checked, None or NaN = no verdict, and an optional second return value, a dict of numbers to log each round."""
+    fn = load_object(spec, flag_name)
+    if not callable(fn):
+        sys.exit(f"error: {flag_name} {spec} is not a function")
+    unit = "pair" if pairwise else "image"
+
+    def call(prompts, *images):
+        out = fn(list(prompts), *(list(x) for x in images))
+        values, info = out if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else (out, {})
+        try:
+            values = [None if v is None or math.isnan(float(v)) else float(v) for v in values]
+        except (TypeError, ValueError):
+            sys.exit(f"error: {flag_name} {spec} must return a list of numbers (or None), one per {unit}")
+        if len(values) != len(prompts):
+            sys.exit(f"error: {flag_name} {spec} returned {len(values)} values for {len(prompts)} {unit}s")
+        if pairwise and any(v is not None and not 0 <= v <= 1 for v in values):
+            sys.exit(f"error: {flag_name} {spec} must return P(image a is better than b) in [0, 1], got "
+                     f"{next(v for v in values if v is not None and not 0 <= v <= 1)}")
+        info = {k: v for k, v in info.items() if isinstance(v, (int, float))}
+        return values, {**info, **({"judge_error": f"{spec} gave no verdict (None)"} if None in values else {})}
+
+    call.name = spec
+    return call
+
+
 def make_judge(args: Args):
-    """The pairwise judge the flags name: judge(prompts, firsts, seconds) -> (P(first better) or None, info). A server
-    is checked now (a dead one, or one not serving the model, fails here, before any model loads)."""
-    if args.judge_model in ("toy", "colour"):
-        world = None if args.judge_model == "colour" else toy_world()
-        if args.reward == "pointwise":
-            return world.scorer if world else colour_scorer
-        return world.judge if world else colour_judge
+    """The judge the flags name, as the loop calls it: judge(prompts, firsts, seconds) -> (P(first better) or None,
+    info); with --reward pointwise a scorer(prompts, images) -> (score or None, info). A server is checked now (a dead
+    one, or one not serving the model, fails here, before any model loads)."""
     if args.reward == "pointwise":
-        sys.exit("error: --reward pointwise has the `toy` and `colour` scorers built in; pass train(args, judge=...) "
-                 "a function (prompts, images) -> (scores, info) for another")
+        return user_function(args.scorer_fn, "--scorer-fn", pairwise=False)
+    if args.judge_fn:
+        return user_function(args.judge_fn, "--judge-fn", pairwise=True)
     url, key_env, generate = args.judge_url, args.judge_api_key_env, args.judge_mode == "generate"
+    if not url and args.judge_model == Args.judge_model:  # a served name, not a model to load here
+        sys.exit(f"error: no judge: pass --judge-url (a reward server serving {args.judge_model}), --judge-model (a "
+                 "Qwen-VL hub id or folder, run in this process) or --judge-fn module:function")
     served = served_models(url, key_env) if url else None
     if served and args.judge_model not in served:
         sys.exit(f"error: judge server {url} does not serve --judge-model {args.judge_model!r} "
                  f"(it serves: {', '.join(served)})")
     vlm = None if url else load_local_vlm(args.judge_model, args.device)
     transport = dict(workers=args.judge_workers, timeout=args.judge_timeout, retries=args.judge_retries,
-                     key_env=key_env, max_side=args.judge_image_size, max_tokens=args.judge_max_tokens)
+                     retry_seconds=args.judge_retry_seconds, key_env=key_env, max_side=args.judge_image_size,
+                     max_tokens=args.judge_max_tokens)
     if not generate:  # max_tokens 2: room for a space the server trimmed off the prefill
         transport.update(max_tokens=2, prefill=LOGITS_PREFIX, extract=answer_prob, extra={
             "logprobs": True, "top_logprobs": 20, "add_generation_prompt": False, "continue_final_message": True})
 
     def judge(prompts, firsts, seconds):
         start = time.perf_counter()
-        requests = [(judge_text(p), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
-        stats = {"failed": 0, "attempts": len(requests)}
+        requests = [(judge_text(p, args.judge_prompt), [a, b]) for p, a, b in zip(prompts, firsts, seconds)]
+        stats = {"failed": 0, "attempts": len(requests), "errors": []}
         if url:
             replies, stats = server_chat(requests, url, args.judge_model, **transport)
         else:
             replies = (local_chat(vlm, requests, max_tokens=args.judge_max_tokens) if generate
                        else local_answer_probs(vlm, requests))
         probs = [parse_verdict(r) for r in replies] if generate else replies
-        if stats.get("errors"):
+        unparsed = [r for p, r in zip(probs, replies) if p is None and r is not None]
+        if stats["errors"]:
             tqdm.write(f"judge server: {len(stats['errors'])}/{len(requests)} requests failed after retries "
                        f"(last: {stats['errors'][-1]})")
+        error = stats["errors"][-1] if stats["errors"] else (
+            f"no verdict in the reply {' '.join(str(unparsed[-1]).split())[:100]!r}" if unparsed else None)
         return probs, {"judge_request_failed": stats["failed"], "judge_attempts": stats["attempts"],
-                       "judge_unparsed": sum(p is None and r is not None for p, r in zip(probs, replies)),
-                       "judge_seconds": time.perf_counter() - start}
+                       "judge_unparsed": len(unparsed), "judge_seconds": time.perf_counter() - start,
+                       **({"judge_error": error} if error else {})}
 
+    judge.name = f"{args.judge_model} at {url}" if url else args.judge_model
     return judge
 
 
-def load_clip(name: str, device) -> tuple:
-    """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one."""
+def load_clip(name: str, device, as_trained: bool = False) -> tuple:
+    """(model, tokenizer, image processor) of a CLIP model loaded with transformers; `tiny`: a random tiny one. By
+    default as the official reward runs it (fastvideo/rewards/clip_reward.py: open_clip's create_model_and_transforms(
+    "ViT-H-14", pretrained=<the DFN5B-378 weights>)): official_clip's model and open_clip's 224-px preprocessing, which
+    CLIPImageProcessorPil's defaults are (short side to 224 bicubic, centre crop, OpenAI mean and std)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-    if name == "tiny":
+    if name == "tiny":  # DFN5B-CLIP-ViT-H-14-378's geometry and QuickGELU (CLIPConfig's default), 2 narrow layers
         torch.manual_seed(0)
         tokenizer = tiny_tokenizer(16)
-        config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT),
-                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
-        return (CLIPModel(config).to(device).eval(), tokenizer,
-                CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=32))
-    check_model_name(name, "--clip-model")
-    try:
-        return (CLIPModel.from_pretrained(name).to(device).eval(), AutoTokenizer.from_pretrained(name),
-                AutoImageProcessor.from_pretrained(name))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        sys.exit(hub_error(name, err, "--clip-model"))
+        model = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), **TINY_CLIP_TEXT), projection_dim=16,
+                                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, image_size=378, patch_size=14)))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 378}, crop_size=378)
+    else:
+        check_model_name(name, "--clip-model")
+        try:
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32)  # float32, as open_clip's default
+            tokenizer, processor = AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            sys.exit(hub_error(name, err, "--clip-model"))
+    if not as_trained:
+        model, processor = official_clip(model), CLIPImageProcessorPil()
+    return model.to(device).eval(), tokenizer, processor
+
+
+def official_clip(model, size: int = 224):
+    """The weights in open_clip's ViT-H-14 config, as the official reward loads DFN5B-CLIP-ViT-H-14-378 (trained at
+    378 px with QuickGELU): `size` px input, GELU in both towers, and the position-embedding grid resized as open_clip's
+    resize_pos_embed does when it loads a checkpoint of another grid (bicubic, antialiased; the class token's kept)."""
+    from transformers import CLIPModel
+    config, state, key = model.config, model.state_dict(), "vision_model.embeddings.position_embedding.weight"
+    config.vision_config.image_size, grid = size, size // config.vision_config.patch_size
+    config.vision_config.hidden_act = config.text_config.hidden_act = "gelu"
+    pos, old = state[key], int(math.sqrt(state[key].shape[0] - 1))
+    if grid != old:
+        img = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        img = torch.nn.functional.interpolate(img, size=(grid, grid), mode="bicubic", antialias=True,
+                                              align_corners=False)
+        state[key] = torch.cat([pos[:1], img.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+    official = CLIPModel(config)
+    official.load_state_dict(state)
+    return official
 
 
 @torch.no_grad()
@@ -1038,16 +1290,6 @@ def colour_scorer(prompts, images):
     """The pointwise twin of the colour judge: 1 - distance / sqrt(3) per image (1 is the named colour)."""
     dist = [colour_distance(p, im) for p, im in zip(prompts, images)]
     return [None if d is None else 1 - d / math.sqrt(3) for d in dist], {}
-
-
-def toy_world():
-    """The demo's world of shapes (toy_world.py, beside this file): its model, prompts, checker and judge."""
-    try:
-        import toy_world as world
-    except ModuleNotFoundError:
-        sys.exit("error: the demo (--model toy, --judge-model toy) needs toy_world.py beside pref_grpo.py; this file "
-                 "alone runs real models, or `--model tiny --judge-model colour` as a smoke test")
-    return world
 
 
 # ======================================================================================================================
@@ -1105,26 +1347,40 @@ def shard_transformer(transformer) -> None:
 # ======================================================================================================================
 # Prompts, checkpoints, logging
 # ======================================================================================================================
-def load_prompts(path: str, flag_name: str = "--prompts") -> list[str]:
-    """A .txt file (one prompt a line, blank lines skipped) or a .jsonl file with a "prompt" field per line."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: {flag_name} {path!r} does not exist")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (UnicodeDecodeError, OSError) as err:
-        sys.exit(f"error: {flag_name} {path!r} is not a UTF-8 text file ({type(err).__name__})")
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if line.strip() and path.endswith(".jsonl"):
+def load_prompts(spec: str, flag_name: str = "--prompts") -> list[str]:
+    """Prompts from a file, told apart by its content (not its name): a JSON list (of prompts, or of objects with a
+    "prompt" field), JSON lines with a "prompt" field, or plain text, one a line; a BOM, CRLF and blank lines are
+    dropped. module:NAME: a list of prompts in your own code, or a function returning one."""
+    if ":" in spec and not os.path.exists(spec):
+        found = load_object(spec, flag_name)
+        rows = [(spec, p) for p in (found() if callable(found) else found)]
+    elif os.path.isdir(spec) or not os.path.isfile(spec):
+        sys.exit(f"error: {flag_name} {spec!r} " + ("is a folder, not a file" if os.path.isdir(spec) else
+                                                      "does not exist"))
+    else:
+        try:
+            text = Path(spec).read_text(encoding="utf-8-sig")
+        except (UnicodeDecodeError, OSError) as err:
+            sys.exit(f"error: {flag_name} {spec!r} is not a UTF-8 text file ({type(err).__name__})")
+        lines = [(f"{spec}:{n}", line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        def parse(where, text):  # a file that begins like JSON must be JSON throughout
             try:
-                line = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                sys.exit(f"error: {path}:{n}: expected a JSON object with a \"prompt\" field")
-            if not isinstance(line, str) or not line.strip():
-                sys.exit(f"error: {path}:{n}: \"prompt\" must be a non-empty string")
-        prompts += [line.strip()] if line.strip() else []
+                return json.loads(text)
+            except ValueError as err:
+                sys.exit(f"error: {where}: not valid JSON ({err})")
+        if text.lstrip().startswith("["):
+            rows = [(f"{spec}: item {n}", x) for n, x in enumerate(parse(spec, text), 1)]
+        else:
+            jsonl = lines[:1] and lines[0][1][0] == "{"
+            rows = [(where, parse(where, line)) for where, line in lines] if jsonl else lines
+    prompts = []
+    for where, row in rows:
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str) or not prompt.strip():
+            sys.exit(f"error: {where}: expected a non-empty prompt (a string, or an object with a \"prompt\" field)")
+        prompts.append(prompt.strip())
     if not prompts:
-        sys.exit(f"error: {flag_name} {path!r} has no prompts")
+        sys.exit(f"error: {flag_name} {spec!r} has no prompts")
     return prompts
 
 
@@ -1138,7 +1394,10 @@ def step_prompts(prompts: list[str], step: int, count: int, seed: int) -> list[s
 def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank: int = 0) -> Path | None:
     """Written by rank 0 to a temporary folder, flushed, and renamed into place: a kill mid-write never leaves a broken
     checkpoint. LoRA in diffusers' format (a pipeline's load_lora_weights reads it); --full: the whole transformer
-    (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name."""
+    (safetensors + config, gathered from the FSDP shards onto rank 0's CPU) and the optimizer state by name. Weights
+    that are not finite are never saved (FloatingPointError): the last good checkpoint stays the latest."""
+    if not finite_weights(pipe.transformer):
+        raise FloatingPointError("the trained weights are not finite (NaN or inf)")
     if args.full:  # a collective under FSDP: every process takes part, rank 0 receives the unsharded tensors
         import torch.distributed.checkpoint.state_dict as dcp
         opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -1174,6 +1433,13 @@ def save_checkpoint(run_dir: Path, step: int, pipe, optimizer, args: Args, rank:
     for old in sorted(root.glob("step-*"))[:-args.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def finite_weights(transformer) -> bool:
+    """Whether every trained weight of every process is finite (FSDP: each checks its own shards)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in transformer.parameters() if p.requires_grad]
+    bad = sum(int(not torch.isfinite(p).all()) for p in local)
+    return all_reduce({"bad": bad}, local[0].device if local else "cpu")["bad"] == 0
 
 
 def find_checkpoint(path: str) -> Path:
@@ -1222,7 +1488,28 @@ def load_checkpoint(ckpt: Path, pipe, optimizer, args: Args) -> int:
     except Exception as err:  # a truncated or foreign file: whatever the loader raises, one line naming the folder
         sys.exit(f"error: checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {str(err)[:120]}); resume from "
                  f"an earlier one (pass its folder)")
+    if not finite_weights(pipe.transformer):
+        earlier = [str(c) for c in sorted(ckpt.parent.glob("step-*")) if c.name < ckpt.name]
+        sys.exit(f"error: checkpoint {ckpt} holds weights that are not finite (NaN or inf); resume from an earlier "
+                 f"one (pass its folder{': ' + earlier[-1] if earlier else ''}) with a smaller --lr")
     return step
+
+
+def trim_metrics(path: Path, start: int) -> None:
+    """A resumed run drops the lines of the rounds after its checkpoint (they are run again) and a last line a kill cut
+    short. Any other line it cannot read stops it: nothing else in the file is deleted."""
+    text = path.read_text() if path.exists() else ""
+    lines, kept = text.splitlines(), []
+    for n, line in enumerate(lines, 1):
+        try:
+            step = int(json.loads(line)["step"]) if line.strip() else 0
+        except (ValueError, LookupError, TypeError):
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            sys.exit(f"error: {path}:{n}: a line that is not a metrics record; mend or delete it, then resume again")
+        kept += [line] if step <= start else []
+    path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def save_grid(images: list[Image.Image], labels: list[str], columns: int, path: Path, frames: list | None = None,
@@ -1264,19 +1551,11 @@ def sample_batch(pipe, prompts: list[str], step: int, args: Args, device, first_
     noise = torch.cat([initial_noise(pipe, 1 if args.same_noise else G, args.resolution, g) for g in gens])
     noise = noise.repeat_interleave(G, 0) if args.same_noise else noise
     cond = select(encode_prompts(pipe, prompts, args.max_sequence_length, args.cfg_scale != 1), torch.arange(n) // G)
+    means = [] if args.rationorm else None  # each step's mean at sampling time: rationorm's reference
     latents, log_probs, x0 = rollout(pipe, cond, noise, sigmas, sde_mask, args.eta, args.guidance, img_ids, gens,
-                                     args.cfg_scale)
+                                     args.cfg_scale, means)
     return {"latents": latents, "log_probs": log_probs, "x0": x0, "cond": cond, "sigmas": sigmas, "img_ids": img_ids,
-            "trained": trained}
-
-
-def scores(clip, world, prompts, images) -> dict:
-    """What a held-out set of images scores without a judge: CLIP, and the toy world's checker per requirement."""
-    out = {"clip_score": clip_scores(clip, prompts, images).mean().item()} if clip else {}
-    if world:
-        out.update({"checker_accuracy" + ("" if k == "all" else "_" + k): v
-                    for k, v in world.accuracy(prompts, images).items()})
-    return out
+            "trained": trained, "means": torch.stack(means, 1) if means else None}
 
 
 def compare(judge, args: Args, prompts, before, after) -> float:
@@ -1304,197 +1583,344 @@ def save_images(images: list[Image.Image], folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def train(args: Args, judge=None) -> dict:
-    """The training loop. `judge` replaces the one the flags name (a pairwise judge, or a scorer with --reward
-    pointwise). Under torchrun: every process samples, judges and trains its own groups; rank 0 alone writes files."""
+@dataclasses.dataclass
+class Run:
+    """What every round uses, built once by start_run. Under torchrun each process has its own; rank 0 writes."""
+    args: Args
+    dir: Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    own_group: bool = False  # this run started torch.distributed, so it ends it
+    judge: object = None
+    eval_fn: object = None
+    clip: tuple | None = None
+    pipe: object = None
+    params: list = dataclasses.field(default_factory=list)
+    optimizer: object = None
+    prompts: list = dataclasses.field(default_factory=list)
+    eval_prompts: list = dataclasses.field(default_factory=list)  # each held-out prompt once per held-out seed
+    eval_seeds: list = dataclasses.field(default_factory=list)
+    before: list = dataclasses.field(default_factory=list)  # the initial policy's held-out images
+    initial: dict = dataclasses.field(default_factory=dict)
+    before_frames: list | None = None
+    start: int = 0
+    silent_rounds: int = 0
+    wandb: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:  # FSDP: forwards are collective, so every process samples the held-out images too
+        return self.args.full and self.world > 1
+
+
+def start_processes(args: Args) -> tuple[torch.device, int, int, bool]:
+    """(device, rank, world size, whether this call started torch.distributed): one process per GPU under torchrun."""
     world_env = int(os.environ.get("WORLD_SIZE", 1))
     if args.prompts_per_step % world_env:
         sys.exit(f"error: --prompts-per-step ({args.prompts_per_step}) is the number of groups per round over all "
                  f"{world_env} processes and must be a multiple of {world_env}: each process takes whole groups")
-    per_rank = args.prompts_per_step // world_env or 1
-    checker = toy_world() if args.model == "toy" else None  # the toy world's model, prompts and checker
-    if args.model not in ("toy", "tiny", "tiny-sd3"):
-        check_model_name(args.model, "--model")
-        if not args.prompts:
-            sys.exit("error: --prompts is required for this model (a .txt or .jsonl file of training prompts)")
-    prompts = load_prompts(args.prompts) if args.prompts else checker.TRAIN_PROMPTS if checker else TINY_PROMPTS
-    eval_ps = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
-               checker.EVAL_PROMPTS if checker else prompts)[:args.eval_count]
-    eval_seeds = [10**9 + s for _ in eval_ps for s in range(args.eval_seeds)]  # seeds that training never uses
-    eval_ps = [p for p in eval_ps for _ in range(args.eval_seeds)]
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if not ckpt and ((run_dir / "args.json").exists() or (run_dir / "metrics.jsonl").exists()):
-        sys.exit(f"error: --output-dir {run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
-                 "another folder")
-    own_group = not dist.is_initialized()
+    accumulation(args.accum, world_env, (args.prompts_per_step // world_env or 1) * args.group_size)  # or exits
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:  # under torchrun: a GPU per process
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if world_env > 1 and own_group:
+    own = world_env > 1 and not dist.is_initialized()
+    if own:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = (dist.get_rank() if dist.is_initialized() else 0), world_size()
-    main, sharded = rank == 0, args.full and world > 1
+    return device, dist.get_rank() if dist.is_initialized() else 0, world_size(), own
+
+
+def run_folder(args: Args, ckpt: Path | None, rank: int, world: int) -> Path:
+    """The run's folder, checked before any model loads: a new run needs a new, writable one."""
+    run_dir = Path(ckpt.parent.parent if ckpt else args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if world > 1:  # rank 0's clock names a new run
         dist.broadcast_object_list(names := [str(run_dir)], src=0)
         run_dir = Path(names[0])
-    judge = judge or make_judge(args)  # before the (slow) model load: a dead reward server fails at once
-    clip = load_clip(args.clip_model, device) if args.clip_model else None
-    pipe = load_pipeline(str(checker.pretrained_model()) if checker else args.model, device)
-    latent_geometry(pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
+    if not ckpt and ((run_dir / "args.json").exists() or (run_dir / "metrics.jsonl").exists()):
+        sys.exit(f"error: --output-dir {run_dir} already holds a run; continue it with --resume {run_dir}, or pick "
+                 "another folder")
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write-test").touch()
+            (run_dir / ".write-test").unlink()
+        except OSError as err:
+            sys.exit(f"error: {'--resume' if ckpt else '--output-dir'} {run_dir}: cannot write there "
+                     f"({err.strerror or type(err).__name__})")
+    return run_dir
 
-    def held_out():  # the fixed held-out prompts and seeds, deterministic sampler (eta = 0)
-        return generate_images(pipe, eval_ps, eval_seeds, steps=args.sample_steps, resolution=args.resolution,
-                               guidance=args.guidance, max_sequence_length=args.max_sequence_length,
-                               cfg_scale=args.cfg_scale, shift=args.shift)
-    # The initial policy's held-out images, made before any update and kept on disk for resumed runs.
-    eval_dir, before = run_dir / "eval", []
-    if eval_ps and (main or sharded):  # FSDP forwards are collective: then every process samples
-        if main and len(list((eval_dir / "before").glob("*.png"))) == len(eval_ps):
-            before = [Image.open(eval_dir / "before" / f"{k:04d}.png").convert("RGB") for k in range(len(eval_ps))]
-        else:
-            before = held_out()
-            if main:
-                save_images(before, eval_dir / "before")
-    initial = scores(clip, checker, eval_ps, before) if main and before else {}
 
-    params = trainable_parameters(pipe, args)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
-    if args.grad_checkpointing if args.grad_checkpointing is not None else device.type == "cuda":
-        pipe.transformer.enable_gradient_checkpointing()
-    start = load_checkpoint(ckpt, pipe, optimizer, args) if ckpt else 0
-    wandb, resolved = None, dataclasses.asdict(args)
-    if main and not start:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(resolved, indent=1))
-    elif main:  # resumed: drop metrics of rounds after the checkpoint, record changed flags (args.json keeps the first)
-        path, kept = run_dir / "metrics.jsonl", []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            with contextlib.suppress(ValueError):  # a line a kill cut short is dropped with the rest
-                kept += [line] if json.loads(line)["step"] <= start else []
-        path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
-        os.replace(path.with_suffix(".tmp"), path)
-        saved = json.loads((run_dir / "args.json").read_text())
+def start_run(args: Args, judge=None) -> Run:
+    """Everything before the first round, the cheap checks first: processes, run folder, prompts, the judge (a dead
+    server fails here), the models, the initial policy's held-out images, optimizer, checkpoint, logs."""
+    device, rank, world, own = start_processes(args)
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run = Run(args, run_folder(args, ckpt, rank, world), device, rank, world, own)
+    if args.model not in ("tiny", "tiny-sd3") and (":" not in args.model or os.path.exists(args.model)):
+        check_model_name(args.model, "--model")
+    if not args.prompts:
+        sys.exit("error: --prompts is required for this model (a text or JSON lines file of training prompts)")
+    run.prompts = load_prompts(args.prompts)
+    held = (load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else run.prompts)[:args.eval_count]
+    run.eval_prompts = [p for p in held for _ in range(args.eval_seeds)]
+    run.eval_seeds = [10**9 + s for _ in held for s in range(args.eval_seeds)]  # seeds that training never uses
+    run.judge = judge or make_judge(args)
+    run.eval_fn = load_object(args.eval_fn, "--eval-fn") if args.eval_fn else None
+    run.clip = load_clip(args.clip_model, device, args.clip_as_trained) if args.clip_model else None
+    run.pipe = load_pipeline(model_name(args.model), device)
+    latent_geometry(run.pipe, args.resolution)  # a resolution the model cannot take fails now, not after a round
+    run.before = initial_images(run)
+    run.initial, run.before_frames = held_out_scores(run, run.before) if run.main and run.before else ({}, None)
+    run.params = trainable_parameters(run.pipe, args)
+    run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=args.weight_decay)
+    args.device = args.device or device.type  # args.json holds resolved values
+    args.grad_checkpointing = device.type == "cuda" if args.grad_checkpointing is None else args.grad_checkpointing
+    if args.grad_checkpointing:
+        run.pipe.transformer.enable_gradient_checkpointing()
+    run.start = load_checkpoint(ckpt, run.pipe, run.optimizer, args) if ckpt else 0
+    open_logs(run)
+    return run
+
+
+def model_name(model: str) -> str:
+    """A hub id or folder as given, or what a module:function names (e.g. a model it builds or downloads first)."""
+    return str(load_object(model, "--model")()) if ":" in model and not os.path.exists(model) else model
+
+
+def held_out_images(run: Run) -> list[Image.Image]:
+    """The held-out prompts x seeds through the deterministic sampler (eta = 0)."""
+    a = run.args
+    return generate_images(run.pipe, run.eval_prompts, run.eval_seeds, steps=a.sample_steps, resolution=a.resolution,
+                           guidance=a.guidance, max_sequence_length=a.max_sequence_length, cfg_scale=a.cfg_scale,
+                           shift=a.shift)
+
+
+def initial_images(run: Run) -> list[Image.Image]:
+    """The initial policy's held-out images, made before any update and kept on disk for a resumed run."""
+    folder = run.dir / "eval" / "before"
+    if not run.eval_prompts or not (run.main or run.sharded):
+        return []
+    if run.main and not run.sharded and len(list(folder.glob("*.png"))) == len(run.eval_prompts):
+        return [Image.open(folder / f"{k:04d}.png").convert("RGB") for k in range(len(run.eval_prompts))]
+    images = held_out_images(run)
+    if run.main:
+        save_images(images, folder)
+    return images
+
+
+def held_out_scores(run: Run, images: list[Image.Image]) -> tuple[dict, list | None]:
+    """What held-out images score without the judge: CLIP, and the mean of each of --eval-fn's numbers (over the images
+    that have it). Also, per image, whether its first number is at least 0.5: before_after.png's frame colour."""
+    out = {"clip_score": clip_scores(run.clip, run.eval_prompts, images).mean().item()} if run.clip else {}
+    if not run.eval_fn:
+        return out, None
+    rows = run.eval_fn(run.eval_prompts, images)
+    if len(rows) != len(images) or not all(isinstance(r, dict) for r in rows):
+        sys.exit(f"error: --eval-fn {run.args.eval_fn} must return one dict of numbers per image")
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [float(r[key]) for r in rows if key in r]
+        out[key] = sum(values) / len(values)
+    first = next(iter(rows[0]), None)
+    return out, [None if first not in r else r[first] >= 0.5 for r in rows]
+
+
+def open_logs(run: Run) -> None:
+    """args.json for a new run; for a resumed one, its metrics trimmed to the checkpoint and the changed flags recorded
+    in resumes.jsonl (args.json keeps the first values). Then the start-up line, and wandb if asked."""
+    args, resolved = run.args, dataclasses.asdict(run.args)
+    if not run.main:
+        return
+    if not run.start:
+        (run.dir / "args.json").write_text(json.dumps(resolved, indent=1))
+    else:
+        trim_metrics(run.dir / "metrics.jsonl", run.start)
+        saved = json.loads((run.dir / "args.json").read_text())
         changed = {k: [saved.get(k), v] for k, v in resolved.items() if k != "resume" and saved.get(k) != v}
         if changed:
-            with open(run_dir / "resumes.jsonl", "a") as f:
-                f.write(json.dumps({"step": start, "changed": changed}) + "\n")
-        print(f"resuming {run_dir} at round {start}"
+            with open(run.dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"step": run.start, "changed": changed}) + "\n")
+        print(f"resuming {run.dir} at round {run.start}"
               + "".join(f"; {flag(k)} {a} -> {b}" for k, (a, b) in changed.items()))
-    if main:
-        overrides = [flag(k) for k in args.given if args.preset and k in PRESETS[args.preset]]
-        print(f"run {run_dir} | preset {args.preset or 'none'}"
-              f"{' (overridden: ' + ', '.join(overrides) + ')' if overrides else ''} | model {args.model} | "
-              f"{'full' if args.full else 'LoRA'} {sum(p.numel() for p in params) / 1e6:.2f}M trainable | "
-              f"{world} process(es){', FSDP2' if sharded else ''} | {len(prompts)} prompts | judge "
-              f"{args.judge_model} ({args.judge_order} order) | rounds {start}->{args.train_steps}")
-        if args.judge_order != "both":
-            print("judge_order_disagree is measured only with --judge-order both")
-    if main and args.wandb_project:  # an optional dependency, imported here and nowhere else
+    overrides = [flag(k) for k in args.given if args.preset in PRESETS and k in PRESETS[args.preset]]
+    overridden = f" (overridden: {', '.join(overrides)})" if overrides else ""
+    print(f"run {run.dir} | preset {args.preset or 'none'}{overridden} | model {args.model} | "
+          f"{'full' if args.full else 'LoRA'} "
+          f"{sum(p.numel() for p in run.params) / 1e6:.2f}M trainable | {run.world} process(es)"
+          f"{', FSDP2' if run.sharded else ''} | {len(run.prompts)} prompts | judge "
+          f"{getattr(run.judge, 'name', 'passed to train()')} ({args.reward}"
+          f"{', ' + args.judge_order + ' order' if args.reward == 'pairwise' else ''}) | rounds {run.start}->"
+          f"{args.train_steps} | " + accumulation(args.accum, run.world, len(round_prompts(run, 0)) * args.group_size)[1])
+    if args.judge_order != "both" and args.reward == "pairwise":
+        print("judge_order_disagree is measured only with --judge-order both")
+    if args.wandb_project:  # an optional dependency, imported here and nowhere else
         try:
             import wandb
         except ImportError:
             sys.exit("error: --wandb-project needs the wandb package (pip install wandb)")
-        wandb.init(project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=resolved,
-                   resume="allow", id=re.sub(r"[^\w-]", "-", str(run_dir.resolve()))[-64:])
+        run.wandb = wandb
+        wandb.init(project=args.wandb_project, name=run.dir.name, dir=str(run.dir), config=resolved, resume="allow",
+                   id=re.sub(r"[^\w-]", "-", str(run.dir.resolve()))[-64:])
 
-    bar = tqdm(range(start, args.train_steps), initial=start, total=args.train_steps, desc="pref-grpo",
-               disable=not main)
-    done = saved = start
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            step_ps = step_prompts(prompts, step, per_rank * world, args.seed)  # the global list, same everywhere
-            mine = step_ps[rank * per_rank:(rank + 1) * per_rank]             # this process's whole groups
-            batch = sample_batch(pipe, mine, step, args, device, rank * per_rank)                   # 1. sample
-            images = decode(pipe, batch["x0"], args.resolution)
-            t1 = time.perf_counter()
-            if args.reward == "pairwise":
-                pref, info = judge_groups(judge, mine, images, args.group_size, args.judge_order)  # 2. judge pairs
-                rewards = win_rates(pref)                                                          # 3. win rates
-            else:
-                rewards, info = score_groups(judge, mine, images, args.group_size)
-            all_rewards, weights = [rewards], [args.pref_weight]
-            if clip:
-                clip_r = clip_scores(clip, [p for p in mine for _ in range(args.group_size)], images)
-                all_rewards.append(clip_r.view_as(rewards))
-                weights.append(args.clip_weight)
-            t2 = time.perf_counter()
-            adv = group_advantages(all_rewards, weights, args.adv_clip).flatten()                 # 4. advantages
-            stats = train_step(pipe, params, optimizer, batch, adv, args)                        # 5. loss, updates
-            t3 = time.perf_counter()
 
-            # Metrics of the global batch: rewards gathered, judge counts (ints) summed and rates (floats) averaged.
-            rewards, adv = gather(rewards, device), gather(adv, device)
-            if world > 1:
-                info = {k: int(v) if type(info[k]) is int else v / world for k, v in all_reduce(info, device).items()}
-            peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
-            metrics = {"step": step + 1, "reward_mean": rewards.mean().item(),
-                       "reward_group_std": rewards.std(1, correction=0).mean().item(),
-                       "adv_abs_mean": adv.abs().mean().item(), "adv_max": adv.max().item(),
-                       "adv_min": adv.min().item(), "zero_adv_groups": int((adv.view(rewards.shape) == 0).all(1).sum()),
-                       "trained_transitions": batch["trained"].shape[1], **stats, **info, "time_sample": t1 - t0,
-                       "time_judge": t2 - t1, "time_train": t3 - t2, "images_per_s": len(images) * world / (t3 - t0),
-                       "peak_mem_gb": all_reduce({"m": peak}, device, "max")["m"],
-                       **({"clip_score": gather(clip_r, device).mean().item()} if clip else {})}
-            if args.eval_every and (step + 1) % args.eval_every == 0 and before:
-                after = held_out()
-                if main:
-                    metrics["eval_win_rate_vs_initial"] = compare(judge, args, eval_ps, before, after)
-                    metrics.update({"eval_" + k: v for k, v in scores(clip, checker, eval_ps, after).items()})
-            if main:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            done = step + 1  # logged: from here on, an interruption saves this round
-            if main:
-                bar.set_postfix({k.removeprefix("eval_"): f"{metrics[k]:.3g}" for k in (
-                    "eval_win_rate_vs_initial", "eval_checker_accuracy", "loss", "images_per_s") if k in metrics})
-                if done % args.sample_every == 0 or done == args.train_steps:  # rank 0's groups
-                    save_grid(images, mine, args.group_size, run_dir / "samples" / f"step-{done:06d}.png")
-                    metrics["samples"] = run_dir / "samples" / f"step-{done:06d}.png"
-                if wandb:
-                    wandb.log({k: wandb.Image(str(v)) if isinstance(v, Path) else v for k, v in metrics.items()},
-                              step=done)
-            if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
-                save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
-                saved = done
-    except KeyboardInterrupt:
-        bar.close()
-        if done > saved:
-            save_checkpoint(run_dir, done, pipe, optimizer, args, rank)
-        if main:
-            print(f"interrupted after round {done} (checkpoint saved); continue with: python pref_grpo.py --resume "
-                  f"{run_dir}", file=sys.stderr)
-        sys.exit(130)
+def round_prompts(run: Run, step: int) -> list[str]:
+    """This process's whole groups of the round's global prompt list (the same list on every process)."""
+    per = run.args.prompts_per_step // run.world or 1
+    return step_prompts(run.prompts, step, per * run.world, run.args.seed)[run.rank * per:(run.rank + 1) * per]
 
-    result = {}
-    if before and (main or sharded):  # the final comparison: initial against final policy, held-out prompts/seeds
-        after = held_out()
-    if before and main:
-        final = scores(clip, checker, eval_ps, after)
-        result = {"win_rate_final_vs_initial": compare(judge, args, eval_ps, before, after),
-                  **{k + "_initial": v for k, v in initial.items()}, **{k + "_final": v for k, v in final.items()}}
-        ok = [all(checker.check(p, im).values()) for p, im in zip(eval_ps * 2, before + after)] if checker else None
-        S, n = args.eval_seeds, len(eval_ps)  # a row per prompt: its held-out seeds before training | after
-        save_grid([im for k in range(0, n, S) for im in before[k:k + S] + after[k:k + S]],
-                  [f"{p}: before | after" for p in eval_ps[::S]], 2 * S, eval_dir / "before_after.png",
-                  frames=[ok[i] for k in range(0, n, S) for i in [*range(k, k + S), *range(n + k, n + k + S)]]
-                  if ok else None, gap_after=S)
+
+def judge_round(run: Run, step: int, prompts: list[str], images: list[Image.Image]) -> tuple[list, list, dict]:
+    """Sections 2-3 (with --reward pointwise: a score per image) and the CLIP score: the rewards the advantage
+    z-scores, their weights, and the judge's numbers. A judge that gives no verdict stops the run (check_verdicts)."""
+    args, G = run.args, run.args.group_size
+    if args.reward == "pairwise":
+        pref, info = judge_groups(run.judge, prompts, images, G, args.judge_order)  # 2. judge pairs
+        rewards = [win_rates(pref)]                                                 # 3. win rates
+    else:
+        scores, info = score_groups(run.judge, prompts, images, G)
+        rewards = [scores]
+    weights = [args.pref_weight]
+    if run.clip:
+        rewards.append(clip_scores(run.clip, [p for p in prompts for _ in range(G)], images).view_as(rewards[0]))
+        weights.append(args.clip_weight)
+    check_verdicts(run, step, info)
+    return rewards, weights, info
+
+
+def check_verdicts(run: Run, step: int, info: dict) -> None:
+    """A run whose judge gives no verdict cannot learn: stop in its first round, else after --judge-dead-rounds rounds
+    in a row without one verdict (over all processes). A round with some failures goes on: they are ties."""
+    error = info.pop("judge_error", None)
+    counts = all_reduce({"asked": info["judge_requests"], "failed": info["judge_failed"]}, run.device)
+    run.silent_rounds = run.silent_rounds + 1 if counts["failed"] == counts["asked"] else 0
+    if run.silent_rounds and (step == run.start or run.silent_rounds >= run.args.judge_dead_rounds):
+        when = "the first round" if step == run.start else f"{run.silent_rounds} rounds in a row"
+        sys.exit(f"error: judge {getattr(run.judge, 'name', 'passed to train()')}: no verdict in {when} "
+                 f"({int(counts['failed'])} of {int(counts['asked'])} judgments failed; last: {error}); stopped, "
+                 "since a run without verdicts learns nothing" if run.main else 1)
+
+
+def round_metrics(run: Run, step: int, rewards: list, adv, batch: dict, info: dict, stats: dict, times) -> dict:
+    """One round's numbers over all processes: rewards and advantages gathered, judge counts (ints) summed and
+    rates (floats) averaged; train_step's are already reduced."""
+    dev, (t0, t1, t2, t3) = run.device, times
+    win, adv = gather(rewards[0], dev), gather(adv, dev)
+    if run.world > 1:
+        info = {k: int(v) if type(info[k]) is int else v / run.world for k, v in all_reduce(info, dev).items()}
+    peak = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
+    return {"step": step + 1, "reward_mean": win.mean().item(),
+            "reward_group_std": win.std(1, correction=0).mean().item(), "adv_abs_mean": adv.abs().mean().item(),
+            "adv_max": adv.max().item(), "adv_min": adv.min().item(),
+            "zero_adv_groups": int((adv.view(win.shape) == 0).all(1).sum()),
+            "trained_transitions": batch["trained"].shape[1], **stats, **info, "time_sample": t1 - t0,
+            "time_judge": t2 - t1, "time_train": t3 - t2, "images_per_s": win.numel() / (t3 - t0),
+            "peak_mem_gb": all_reduce({"m": peak}, dev, "max")["m"],
+            **({"clip_score": gather(rewards[1], dev).mean().item()} if run.clip else {})}
+
+
+def evaluate_now(run: Run) -> dict:
+    """--eval-every: the current policy's held-out images against the initial policy's, by the same judge."""
+    after = held_out_images(run) if run.before else []
+    if not (run.main and after):
+        return {}
+    return {"eval_win_rate_vs_initial": compare(run.judge, run.args, run.eval_prompts, run.before, after),
+            **{"eval_" + k: v for k, v in held_out_scores(run, after)[0].items()}}
+
+
+def log_round(run: Run, bar, metrics: dict, prompts: list[str], images: list[Image.Image]) -> None:
+    """Rank 0: a grid of samples every --sample-every rounds, the progress bar, wandb, and last (once it is written, an
+    interruption saves the round) the round's metrics line."""
+    args, done = run.args, metrics["step"]
+    if not run.main:
+        return
+    grid = run.dir / "samples" / f"step-{done:06d}.png"
+    if done % args.sample_every == 0 or done == args.train_steps:  # rank 0's groups, a row each
+        save_grid(images, prompts, args.group_size, grid)
+    bar.set_postfix({k.removeprefix("eval_"): f"{metrics[k]:.3g}" for k in (
+        "eval_win_rate_vs_initial", "eval_checker_accuracy", "loss", "images_per_s") if k in metrics})
+    if run.wandb:
+        run.wandb.log({**metrics, **({"samples": run.wandb.Image(str(grid))} if grid.exists() else {})}, step=done)
+    with open(run.dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def finish(run: Run, done: int) -> dict:
+    """The final comparison, initial against final policy on the held-out prompts and seeds: eval/eval.json,
+    eval/before_after.png (per prompt: its seeds before, a gap, after), eval/after/."""
+    args, eval_dir, result = run.args, run.dir / "eval", {}
+    after = held_out_images(run) if run.before else []
+    if run.main and after:
+        final, after_frames = held_out_scores(run, after)
+        n, S = len(after), args.eval_seeds
+        result = {"images": n, "win_rate_final_vs_initial": compare(run.judge, args, run.eval_prompts, run.before,
+                                                                    after),
+                  **{k + "_initial": v for k, v in run.initial.items()}, **{k + "_final": v for k, v in final.items()}}
+        frames = run.before_frames + after_frames if after_frames else None
+        save_grid([im for k in range(0, n, S) for im in run.before[k:k + S] + after[k:k + S]],
+                  [f"{p}: before | after" for p in run.eval_prompts[::S]], 2 * S, eval_dir / "before_after.png",
+                  frames=[frames[i] for k in range(0, n, S) for i in [*range(k, k + S), *range(n + k, n + k + S)]]
+                  if frames else None, gap_after=S)
         save_images(after, eval_dir / "after")
         (eval_dir / "eval.json").write_text(json.dumps(result, indent=1))
         print(f"held-out ({n} images, seeds never trained on): judge win rate of the final vs the initial policy "
               f"{result['win_rate_final_vs_initial']:.3f} (0.5 = no change)")
-        if initial:
-            print("initial -> final: " + ", ".join(f"{k} {v:.3f} -> {final[k]:.3f}" for k, v in initial.items()))
-        if wandb:
-            wandb.log({"before_after": wandb.Image(str(eval_dir / "before_after.png")), **result}, step=done)
-    if wandb:
-        wandb.finish()
-    if own_group and dist.is_initialized():
+        if run.initial:
+            print("initial -> final: " + ", ".join(f"{k} {v:.3f} -> {final[k]:.3f}" for k, v in run.initial.items()))
+        if run.wandb:
+            run.wandb.log({"before_after": run.wandb.Image(str(eval_dir / "before_after.png")), **result}, step=done)
+    if run.wandb:
+        run.wandb.finish()
+    if run.own_group:
         dist.destroy_process_group()
     return result
+
+
+def train(args: Args, judge=None) -> dict:
+    """The loop: each round samples, judges, computes advantages and updates, in the order of sections 1-5. `judge`
+    replaces the one the flags name (a pairwise judge, or a scorer with --reward pointwise). Under torchrun every
+    process samples, judges and trains its own groups; rank 0 alone writes files."""
+    run = start_run(args, judge)
+    bar = tqdm(range(run.start, args.train_steps), initial=run.start, total=args.train_steps, desc="pref-grpo",
+               disable=not run.main)
+    done = saved = run.start
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            prompts = round_prompts(run, step)
+            batch = sample_batch(run.pipe, prompts, step, args, run.device, run.rank * len(prompts))  # 1. sample
+            images = decode(run.pipe, batch["x0"], args.resolution)
+            t1 = time.perf_counter()
+            rewards, weights, info = judge_round(run, step, prompts, images)                  # 2-3. judge, win rates
+            t2 = time.perf_counter()
+            adv = group_advantages(rewards, weights, args.adv_clip, args.gdpo, run.device).flatten()  # 4. advantages
+            stats = train_step(run.pipe, run.params, run.optimizer, batch, adv, args)       # 5. clipped loss, updates
+            metrics = round_metrics(run, step, rewards, adv, batch, info, stats, (t0, t1, t2, time.perf_counter()))
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                metrics.update(evaluate_now(run))
+            log_round(run, bar, metrics, prompts, images)
+            done = step + 1  # logged: from here on, an interruption saves this round
+            if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
+                save_checkpoint(run.dir, done, run.pipe, run.optimizer, args, run.rank)
+                saved = done
+    except KeyboardInterrupt:
+        bar.close()
+        if done > saved:
+            save_checkpoint(run.dir, done, run.pipe, run.optimizer, args, run.rank)
+        if run.main:
+            print(f"interrupted after round {done} (checkpoint saved); continue with: python pref_grpo.py --resume "
+                  f"{run.dir}", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as err:  # nothing non-finite is saved: the last checkpoint is the last good one
+        bar.close()
+        last = f"the last good checkpoint is round {saved}" if saved else "no checkpoint was saved yet"
+        sys.exit(f"error: stopped in round {step + 1}: {err}; {last} (resume with a smaller --lr, or with "
+                 "--max-grad-norm)" if run.main else 1)
+    return finish(run, done)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import pref_grpo as pg
 ROOT = Path(__file__).resolve().parent
 # 2 groups of G = 3 per process (a process holds several groups), micro-batches of 4 (not a multiple of G, nor of the
 # 6 trajectories a process holds), and a KL term, so every part of train_step meets the process split.
-# --accum 0: one update per round, the same on 1 and 2 processes (a chunk of --accum trajectories is per process).
+# --accum 0: one update per round. --accum N is global: N trajectories per update over all processes.
 FLAGS = ["--model", "tiny", "--resolution", "32", "--sample-steps", "4", "--prompts-per-step", "4", "--group-size",
          "3", "--train-batch-size", "4", "--eval-seeds", "0", "--save-every", "1", "--sample-every", "1", "--device",
          "cpu", "--accum", "0"]
@@ -87,8 +87,11 @@ def test_two_lora_processes_equal_one_process_over_the_same_global_batch(tmp_pat
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER.format(root=str(ROOT), out=str(tmp_path))))
     # (the driver's recording_judge takes G = 3 from FLAGS)
-    flags = [*FLAGS, "--train-steps", "2", "--kl-beta", "0.5", "--lr", "3e-2"]
-    torchrun(driver, *flags, "--output-dir", str(tmp_path / "two"))
+    # --accum 4 of the round's 12 trajectories: 3 updates a round on 1 process (4 each) and on 2 (2 + 2 each), each
+    # over the same trajectories (update j: every group's j-th); GDPO's z-score over both processes' advantages.
+    flags = [*FLAGS, "--train-steps", "2", "--kl-beta", "0.5", "--lr", "3e-2", "--accum", "4", "--train-batch-size",
+             "1", "--gdpo", "--rationorm"]
+    r = torchrun(driver, *flags, "--output-dir", str(tmp_path / "two"))
     pg.train(pg.parse_args([*flags, "--output-dir", str(tmp_path / "one")]))
 
     for rank in (0, 1):  # every process judged 2 groups x 3 pairs, never across groups
@@ -106,7 +109,9 @@ def test_two_lora_processes_equal_one_process_over_the_same_global_batch(tmp_pat
             assert torch.allclose(one[k], two[k], atol=3e-2 * (1e-3 if step == 1 else 1e-2)), (step, k)
     m = metrics(tmp_path / "two")
     assert_same_metrics(metrics(tmp_path / "one"), m)
-    assert m[0]["judge_requests"] == 4 * 3 and m[0]["kl"] == 0 and m[1]["kl"] > 0  # global counts; untouched LoRA: KL 0
+    assert m[0]["judge_requests"] == 4 * 3 and m[0]["kl"] > 0  # global counts; after round 1's first update: KL > 0
+    assert [x["updates"] for x in m] == [3, 3] and "3 update(s) a round over 4 trajectories each (2 per process)" in (
+        r.stdout)
     # rank 0 alone writes: one metrics line per step, one grid per step
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["args.json", "checkpoints", "metrics.jsonl",
                                                                      "samples"]

@@ -625,18 +625,24 @@ def test_zero_advantage_trajectories_get_no_forward_backward(monkeypatch):
     sizes.clear()
     before = {k: v.clone() for k, v in p.transformer.named_parameters() if v.requires_grad}
     stats = pg.train_step(p, params, opt, batch, torch.zeros(6), args)
-    assert sizes == [] and stats["updates"] == 0
-    assert all(torch.equal(before[k], v) for k, v in p.transformer.named_parameters() if v.requires_grad)
+    # no forward/backward, but the update still steps, as officially: AdamW's momentum moves the weights
+    assert sizes == [] and stats["updates"] == 1 and stats["grad_norm"] == 0
+    assert not all(torch.equal(before[k], v) for k, v in p.transformer.named_parameters() if v.requires_grad)
 
 
-def test_nan_loss_skips_the_update_and_keeps_weights():
+def test_a_non_finite_loss_or_gradient_norm_raises_before_the_step(monkeypatch):
     args = pg.parse_args(["--model", "tiny", "--resolution", "32", "--sample-steps", "4", "--group-size", "3"])
     p, params, opt = fresh(args)
     batch = pg.sample_batch(p, ["a red apple"], 0, args, torch.device("cpu"))
     before = [q.detach().clone() for q in params]
-    stats = pg.train_step(p, params, opt, batch, torch.tensor([1.0, float("nan"), -1.0]), args)
-    assert stats["skipped_updates"] == 1 and stats["updates"] == 0 and not math.isfinite(stats["loss"])
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        pg.train_step(p, params, opt, batch, torch.tensor([1.0, float("nan"), -1.0]), args)
     assert all(torch.equal(a, b) for a, b in zip(before, params)) and all(q.grad is None for q in params)
+    assert not opt.state  # never stepped
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        pg.train_step(p, params, opt, batch, torch.tensor([1.0, 0.5, -1.0]), args)
+    assert all(torch.equal(a, b) for a, b in zip(before, params)) and not opt.state
 
 
 def test_kl_to_base_zero_untouched_positive_after_an_update_and_its_gradient_reduces_it():
@@ -780,28 +786,31 @@ def test_pointwise_baseline_scores_groups_and_fills_failures_with_the_group_mean
 # The real path: hub ids from an offline cache, presets, --eval-every, a copied file on its own
 # ---------------------------------------------------------------------------------------------------------------------
 def test_paper_setup_with_hub_ids_for_model_judge_and_clip(hub_cache, tmp_path):
-    """The command a user types, with the real hub ids, served from the offline cache: FLUX.1-dev, the in-process
-    UnifiedReward-Think judge, the DFN5B CLIP model."""
+    """The paper's run as a user types it, with the real hub ids, served from the offline cache: FLUX.1-dev (full
+    fine-tuning), the in-process UnifiedReward-Think judge, the DFN5B CLIP model run as the official reward runs it."""
     (tmp_path / "p.txt").write_text("a red apple\na blue car\n")
-    r = run_cli("--preset", "pref-grpo-flux-lora", "--prompts", str(tmp_path / "p.txt"), "--judge-model",
+    r = run_cli("--preset", "pref-grpo-flux", "--prompts", str(tmp_path / "p.txt"), "--judge-model",
                 HUB_IDS["judge"], "--judge-mode", "logits", "--resolution", "32", "--sample-steps", "3",
-                "--group-size", "3", "--prompts-per-step", "1", "--train-steps", "2", "--eval-every", "1",
-                "--eval-count", "1", "--eval-seeds", "2", "--max-sequence-length", "16", "--lora-rank", "4",
+                "--group-size", "3", "--prompts-per-step", "2", "--accum", "3", "--train-steps", "2",
+                "--eval-every", "1", "--eval-count", "1", "--eval-seeds", "2", "--max-sequence-length", "16",
                 "--output-dir", str(tmp_path / "run"), env=offline_env(hub_cache))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "preset pref-grpo-flux-lora (overridden:" in r.stdout and "--resolution" in r.stdout
-    assert "model black-forest-labs/FLUX.1-dev" in r.stdout
+    assert "preset pref-grpo-flux (overridden:" in r.stdout and "--resolution" in r.stdout
+    assert "model black-forest-labs/FLUX.1-dev" in r.stdout and "full" in r.stdout
+    assert "2 update(s) a round over 3 trajectories each (3 per process)" in r.stdout
     m = read_metrics(tmp_path / "run")
     assert [x["step"] for x in m] == [1, 2] and all("clip_score" in x and "eval_win_rate_vs_initial" in x for x in m)
+    assert all(x["updates"] == 2 for x in m)
     args = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert args["clip_model"] == HUB_IDS["clip"] and args["pref_weight"] == 0.4 and args["clip_weight"] == 0.6
-    assert args["resolution"] == 32 and args["lora_rank"] == 4 and args["judge_order"] == "first"
+    assert args["clip_model"] == HUB_IDS["clip"] and args["pref_weight"] == 0.7 and args["clip_weight"] == 1.4
+    assert args["resolution"] == 32 and args["full"] and args["judge_order"] == "first" and args["accum"] == 3
     result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert {"win_rate_final_vs_initial", "clip_score_initial", "clip_score_final"} <= set(result)
 
 
 def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
-    r = run_cli("--model", HUB_IDS["sd3"], "--judge-model", "colour", "--prompts", str(ROOT / "prompts.jsonl"),
+    (tmp_path / "p.txt").write_text("a red car\na blue bird\n")  # colours: the colour judge gives verdicts
+    r = run_cli("--model", HUB_IDS["sd3"], "--judge-fn", "pref_grpo:colour_judge", "--prompts", str(tmp_path / "p.txt"),
                 "--resolution", "32", "--sample-steps", "3", "--group-size", "2", "--prompts-per-step", "1",
                 "--train-steps", "1", "--eval-seeds", "0", "--max-sequence-length", "16", "--lora-rank", "4",
                 "--output-dir", str(tmp_path / "run"), env=offline_env(hub_cache))
@@ -810,7 +819,8 @@ def test_sd3_hub_id_loads_from_the_offline_cache(hub_cache, tmp_path):
 
 
 def test_unknown_or_gated_hub_ids_are_one_line_errors_saying_what_to_do(hub_cache, tmp_path):
-    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope", "--judge-model", "colour"], "--model"),
+    for flags, culprit in [(["--model", "black-forest-labs/FLUX.1-nope", "--judge-fn", "pref_grpo:colour_judge"],
+                            "--model"),
                            (["--model", "tiny", "--judge-model", "CodeGoat24/nope"], "--judge-model"),
                            (["--model", "tiny", "--clip-model", "apple/nope", "--clip-weight", "1"], "--clip-model")]:
         r = run_cli(*flags, "--prompts", str(ROOT / "prompts.jsonl"), "--output-dir", str(tmp_path / "r"),
@@ -831,17 +841,27 @@ def test_unknown_or_gated_hub_ids_are_one_line_errors_saying_what_to_do(hub_cach
 
 
 def test_presets_set_the_official_values_and_flags_override_them():
-    a = pg.parse_args(["--preset", "pref-grpo-flux"])
-    official = dict(model="black-forest-labs/FLUX.1-dev", full=True, shift=3.0, sample_steps=25, resolution=720,
-                    eta=0.7, group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0,
-                    clip_range=1e-4, adv_clip=5.0, train_fraction=0.6, accum=4, max_sequence_length=512,
-                    clip_model="apple/DFN5B-CLIP-ViT-H-14-378", pref_weight=0.7, clip_weight=1.4,
-                    judge_model="UnifiedReward", judge_max_tokens=2048, judge_order="first", prompts_per_step=0)
-    assert {k: getattr(a, k) for k in official} == official
-    lora = pg.parse_args(["--preset", "pref-grpo-flux-lora", "--lr", "2e-5"])
-    assert (lora.full, lora.lora_rank, lora.lora_alpha, lora.pref_weight, lora.clip_weight, lora.lr) == (
-        False, 64, 128.0, 0.4, 0.6, 2e-5)
-    assert pg.parse_args(["--model", "tiny"]).preset == "demo" and pg.parse_args(["--model", "x/y"]).preset is None
+    """The official runs by name, each the global recipe (docs/recipe.md has every value's file and line)."""
+    paper = dict(model="black-forest-labs/FLUX.1-dev", full=True, shift=3.0, sample_steps=25, resolution=720, eta=0.7,
+                 group_size=8, guidance=3.5, lr=1e-5, weight_decay=1e-4, max_grad_norm=1.0, clip_range=1e-4,
+                 adv_clip=5.0, train_fraction=0.6, max_sequence_length=512, kl_beta=0.0, cfg_scale=1.0,
+                 same_noise=True, sde_window=0, save_every=20, judge_retries=9,
+                 prompts_per_step=64, accum=256, train_steps=471,  # 64 x 8 a round, 2 updates, 3 x 157 rounds
+                 train_batch_size=1,  # one trajectory per forward, as there (and memory-safe for a 12B model)
+                 clip_model="apple/DFN5B-CLIP-ViT-H-14-378", clip_as_trained=False, pref_weight=0.7, clip_weight=1.4,
+                 judge_model="UnifiedReward", judge_prompt="unifiedreward-think", judge_max_tokens=2048,
+                 judge_order="first", judge_timeout=300.0, rationorm=False, gdpo=False)
+    head = {**paper, "pref_weight": 0.4, "clip_weight": 0.6, "rationorm": True, "gdpo": True, "judge_max_tokens": 4096,
+            "judge_prompt": "unifiedreward-think-qwen3vl", "judge_timeout": 160.0}
+    head_lora = {**head, "full": False, "lora_rank": 64, "lora_alpha": 128.0}
+    for name, official in [("pref-grpo-flux", paper), ("pref-grpo-flux-head", head),
+                           ("pref-grpo-flux-head-lora", head_lora)]:
+        a = pg.parse_args(["--preset", name])
+        assert {k: getattr(a, k) for k in official} == official, name
+    lora = pg.parse_args(["--preset", "pref-grpo-flux-head-lora", "--lr", "2e-5", "--no-gdpo"])
+    assert (lora.lr, lora.gdpo, lora.rationorm) == (2e-5, False, True)
+    assert "pref-grpo-flux-lora" not in pg.PRESETS  # no official run has those values alone
+    assert pg.parse_args(["--model", "tiny"]).preset == "tiny" and pg.parse_args(["--model", "x/y"]).preset is None
 
 
 def test_copied_alone_the_script_trains_against_a_judge_server_and_in_process(server, hub_cache, tmp_path):

@@ -655,9 +655,19 @@ def pretrained_model(progress: bool = True, settings: Settings = SETTINGS) -> Pa
 # ======================================================================================================================
 # Evaluation and the RL demo's settings
 # ======================================================================================================================
-# Flags of pref_grpo for the RL demo on this world: pref_grpo's "demo" preset (which `python pref_grpo.py` applies to
-# --model toy), spelled out so a folder of this model can be trained the same way.
-DEMO = dict(pref_grpo.PRESETS["demo"])
+# The RL demo on this world, a preset of pref_grpo (`python pref_grpo.py` with no --model runs --preset toy_world:DEMO):
+# the world's model, prompts, judge and checker by name, and the RL values.
+DEMO = dict(model="toy_world:pretrained_model", prompts="toy_world:TRAIN_PROMPTS", eval_prompts="toy_world:EVAL_PROMPTS",
+            judge_fn="toy_world:judge", scorer_fn="toy_world:scorer", eval_fn="toy_world:grade", resolution=32,
+            sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8, lora_rank=16,
+            lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40, sample_every=20, eval_every=40,
+            eval_seeds=4, eval_count=15, eta=0.3)
+
+
+def grade(prompts: list[str], images: list[Image.Image]) -> list[dict[str, float]]:
+    """pref_grpo's --eval-fn: per image, all requirements met (checker_accuracy) and each kind its prompt requires."""
+    return [{"checker_accuracy": float(all(r.values())), **{f"checker_accuracy_{k}": float(v) for k, v in r.items()}}
+            for r in (check(p, im) for p, im in zip(prompts, images))]
 
 
 def demo_argv(model: Path | str, prompts_file: Path | str, **overrides) -> list[str]:
