@@ -2,6 +2,7 @@
 budget, the cache (hit, miss, damaged), and one RL step of pref_grpo with the toy judge. Never touches the real cache:
 every model goes to a temporary folder through PREF_GRPO_CACHE."""
 
+import dataclasses
 import json
 import math
 import os
@@ -33,17 +34,18 @@ def picture(*boxes, colour="red"):
 
 
 def test_prompt_sets_are_disjoint_parse_and_share_one_vocabulary():
-    assert len(tw.all_prompts()) == 120 and (len(tw.TRAIN_PROMPTS), len(tw.EVAL_PROMPTS)) == (99, 21)
+    n = len(tw.NUMBERS)  # 4 colours x 2 shapes x (anywhere + 4 sides) prompts per count; held out per count: 1 of the
+    assert len(tw.all_prompts()) == 40 * n and len(tw.EVAL_PROMPTS) == 7 * n  # 8 placed anywhere, 6 of the 32 sided
     assert not set(tw.TRAIN_PROMPTS) & set(tw.EVAL_PROMPTS)
     assert sorted(tw.TRAIN_PROMPTS + tw.EVAL_PROMPTS) == sorted(tw.all_prompts())
     for p in tw.all_prompts():
         assert tw.prompt_text(tw.parse_prompt(p)) == p
-    assert tw.parse_prompt("Three  GREEN bars at the bottom") == tw.Spec("green", "bar", 3, "bottom")
+    assert tw.parse_prompt("Two  GREEN bars at the bottom") == tw.Spec("green", "bar", 2, "bottom")
     train_words = {w for p in tw.TRAIN_PROMPTS for w in p.split()}
     assert {w for p in tw.EVAL_PROMPTS for w in p.split()} <= train_words <= set(tw.WORDS)
     # every kind of requirement and every count is held out somewhere
     assert {k for p in tw.EVAL_PROMPTS for k in tw.parse_prompt(p).kinds} == set(tw.KINDS)
-    assert {tw.parse_prompt(p).count for p in tw.EVAL_PROMPTS} == {1, 2, 3}
+    assert {tw.parse_prompt(p).count for p in tw.EVAL_PROMPTS} == set(tw.NUMBERS.values())
     for bad in ["a purple square", "a red squares", "two red square", "a red square on the top", "red square"]:
         with pytest.raises(ValueError):
             tw.parse_prompt(bad)
@@ -61,9 +63,10 @@ def test_checker_fails_exactly_the_broken_requirement():
     assert tw.check("a red bar", square) == {"colour": True, "shape": False, "count": True}
     assert tw.check("two red squares", square) == {"colour": True, "shape": True, "count": False}
     assert tw.check("a red square at the bottom", square)["side"] is False
-    bars = picture((2, 2, 12, 3), (2, 8, 12, 3), (18, 20, 12, 3))
-    assert tw.check("three red bars", bars) == {"colour": True, "shape": True, "count": True}
-    assert tw.check("three red bars on the left", bars)["side"] is False  # one of them is on the right
+    bars = picture((2, 2, 12, 3), (18, 20, 12, 3))
+    assert tw.check("two red bars", bars) == {"colour": True, "shape": True, "count": True}
+    assert tw.check("two red bars on the left", bars)["side"] is False  # one of them is on the right
+    assert tw.check("a red bar", bars)["count"] is False
     touching = picture((2, 2, 10, 3), (2, 5, 10, 3))  # two bars touching: one 10 x 6 region, read as a square
     assert tw.check("two red bars", touching) == {"colour": True, "shape": False, "count": False}
     speck = picture((2, 10, 10, 10), (25, 25, 2, 2, "blue"))  # a speck is not an object
@@ -119,7 +122,7 @@ def test_judge_ranks_by_requirements_then_margin_ties_exactly_and_is_symmetric()
     assert probs == [1.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.5]
     reverse, _ = tw.judge([prompt] * len(a), b, a)
     assert [p + q for p, q in zip(probs, reverse)] == [1.0] * len(a)
-    assert info == {"toy_all_correct": pytest.approx(3 / 7)}  # distinct images: right, right_short, moved of 7
+    assert info["toy_all_correct"] == pytest.approx(3 / 7)  # distinct images: right, right_short, moved of 7
 
 
 def test_scorer_orders_images_as_the_judge_does():
@@ -127,7 +130,8 @@ def test_scorer_orders_images_as_the_judge_does():
     images = [picture((2, 5, 12, 3)), picture((2, 5, 6, 3)), picture((20, 5, 12, 3)), picture((2, 5, 8, 8))]
     scores, info = tw.scorer([prompt] * 4, images)
     assert scores[0] == 1.0 and scores[2] < scores[1] < scores[0] and scores[3] < scores[1]
-    assert scores[2] == pytest.approx((3 + (1 + 1 + 1 + 0) / 4) / 5) and info == {"toy_all_correct": 0.5}
+    assert scores[2] == pytest.approx((3 + (1 + 1 + 1 + 0) / 4) / 5)
+    assert info == {"toy_all_correct": 0.5, "toy_score": pytest.approx(sum(scores) / 4)}
     probs, _ = tw.judge([prompt] * 6, [images[i] for i in (0, 0, 0, 1, 1, 2)], [images[j] for j in (1, 2, 3, 2, 3, 3)])
     assert scores[2] == scores[3]  # side wrong vs shape wrong, equal margins: an exact tie for both
     assert probs == [0.5 if scores[i] == scores[j] else float(scores[i] > scores[j])
@@ -220,16 +224,40 @@ def test_damaged_cache_is_refused_with_one_line(tiny_model, tmp_path, damage):
     assert len(errors) == 1 and str(folder) in errors[0] and "delete" in errors[0]
 
 
-def test_one_rl_step_of_the_trainer_with_the_toy_judge(tiny_model, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(tw.TRAIN_PROMPTS) + "\n")
-    argv = tw.demo_argv(tiny_model, prompts, train_steps=1, group_size=2, prompts_per_step=1, sample_steps=2,
-                        eval_seeds=0)
-    args = pg.parse_args(argv + ["--output-dir", str(tmp_path / "run")])
-    assert args.resolution == 32 and args.lr == tw.DEMO["lr"] and args.eta == tw.DEMO["eta"]
-    pg.train(args, judge=tw.judge)
+@pytest.mark.parametrize("reward", ["pairwise", "pointwise"])
+def test_python_pref_grpo_runs_the_demo_preset_with_the_toy_judge_and_checker(tiny_model, tmp_path, reward):
+    # `python pref_grpo.py` as the README gives it (no --model: --preset toy_world:DEMO), with flags that make it short,
+    # on the tiny model copied into the cache under the default settings' folder name
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model, cache / tw.model_folder().name)
+    short = {"train_steps": 2, "group_size": 3, "prompts_per_step": 2, "sample_steps": 3, "eval_count": 2,
+             "eval_seeds": 2, "eval_every": 1}
+    run = subprocess.run([sys.executable, "pref_grpo.py", *(x for k, v in short.items() for x in (pg.flag(k), str(v))),
+                          "--reward", reward, "--output-dir", str(tmp_path / "run")],
+                         cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PREF_GRPO_CACHE": str(cache), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "preset toy_world:DEMO" in run.stdout
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert {k: saved[k] for k in tw.DEMO} == {**tw.DEMO, **short}
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and "toy_all_correct" in metrics[0]
+    assert len(metrics) == 2 and all("toy_all_correct" in m and "eval_checker_accuracy" in m for m in metrics)
+    result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert result["images"] == 4
+    for key in ["checker_accuracy", *(f"checker_accuracy_{k}" for k in ("colour", "shape", "count"))]:
+        assert 0 <= result[key + "_initial"] <= 1 and 0 <= result[key + "_final"] <= 1
+    before = [Image.open(p) for p in sorted((tmp_path / "run" / "eval" / "before").glob("*.png"))]
+    prompts = [p for p in tw.EVAL_PROMPTS[:2] for _ in range(2)]
+    assert result["checker_accuracy_initial"] == tw.accuracy(prompts, before)["all"]  # the checker's own verdicts
+    assert (tmp_path / "run" / "eval" / "before_after.png").exists()
+
+
+def test_demo_preset_names_only_flags_and_the_worlds_own_functions():
+    assert set(tw.DEMO) <= {f.name for f in dataclasses.fields(pg.Args)}
+    for key in ("model", "prompts", "eval_prompts", "judge_fn", "scorer_fn", "eval_fn"):
+        module, name = tw.DEMO[key].split(":")
+        assert module == "toy_world" and hasattr(tw, name)
+    assert tw.DEMO["eval_count"] >= len(tw.EVAL_PROMPTS) and len(tw.EVAL_PROMPTS) * tw.DEMO["eval_seeds"] >= 240
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,25 +268,25 @@ def test_unigenbench_judge_answers_in_the_official_format(tmp_path):
 
     prompts = ugb.load_prompts(tw.write_unigenbench_prompts(tmp_path / "p.jsonl"))
     assert len(prompts) == len(tw.EVAL_PROMPTS)
-    sided = next(p for p in prompts if "on the" in p.prompt)
+    sided = next(p for p in prompts if "on the left" in p.prompt)
     assert [c for c, _ in sided.checkpoints] == list(tw.CRITERIA.values())
     image = tw.draw_scene(sided.prompt, 0)
-    wrong = tw.draw_scene(sided.prompt.replace("left", "right") if "left" in sided.prompt else
-                          sided.prompt.replace("right", "left"), 0)
-    (reply, error, _), (reply2, _, _) = tw.unigenbench_judge([(ugb.judge_prompt(sided), image),
-                                                              (ugb.judge_prompt(sided), wrong)])
-    assert error is None and ugb.parse_reply(reply, 4)[0] == [1, 1, 1, 1]
-    assert ugb.parse_reply(reply2, 4)[0] == [1, 1, 1, 0]
+    wrong = tw.draw_scene(sided.prompt.replace("left", "right"), 0)
+    replies = tw.unigenbench_judge([ugb.judge_prompt(sided)] * 2 + ["hello"], [image, wrong, image])
+    assert ugb.parse_reply(replies[0], 4)[0] == [1, 1, 1, 1]
+    assert ugb.parse_reply(replies[1], 4)[0] == [1, 1, 1, 0]
+    assert "<score>" not in replies[2]
 
 
-def test_unigenbench_generate_evaluate_report_on_toy_prompts(tiny_model, tmp_path):
+def test_unigenbench_generate_evaluate_report_on_toy_prompts(tiny_model, tmp_path, monkeypatch):
     import unigenbench as ugb
 
+    monkeypatch.chdir(HERE)  # --judge-fn imports toy_world from the working directory
     prompts = tw.write_unigenbench_prompts(tmp_path / "toy.jsonl", tw.EVAL_PROMPTS[:3])
     ugb.main(["generate", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(tmp_path / "base"),
               "--resolution", "32", "--steps", "2", "--n", "2"])
-    ugb.main(["evaluate", "--images", str(tmp_path / "base"), "--prompts", str(prompts), "--judge-local", "toy",
-              "--n", "2"])
+    ugb.main(["evaluate", "--images", str(tmp_path / "base"), "--prompts", str(prompts), "--judge-fn",
+              "toy_world:unigenbench_judge", "--n", "2"])
     records = ugb.load_result_records(tmp_path / "base" / "results.jsonl")
     assert len(records) == 6 and all(r["scores"] is not None and r["error"] is None for r in records)
     summary = ugb.report([str(tmp_path / "base" / "results.jsonl")])

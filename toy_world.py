@@ -309,7 +309,7 @@ def judge(prompts: list[str], images_a: list[Image.Image], images_b: list[Image.
     meets more of the prompt's requirements wins (1.0 or 0.0); between images meeting as many, the larger margin
     (grade_scene) wins; exactly equal margins are a tie, 0.5. Grading ties by the margin matters: with whole counts
     alone, often all G images of a group tie and the group teaches nothing. A group's pairs share images, so each
-    distinct image is graded once. info: the share of the distinct images meeting every requirement."""
+    distinct image is graded once. info: checker_info of the distinct images."""
     graded: dict[tuple[int, str], tuple[dict[str, bool], float]] = {}
 
     def key(prompt, image):
@@ -323,16 +323,28 @@ def judge(prompts: list[str], images_a: list[Image.Image], images_b: list[Image.
     for prompt, a, b in zip(prompts, images_a, images_b):
         ka, kb = key(prompt, a), key(prompt, b)
         probs.append(1.0 if ka > kb else 0.0 if ka < kb else 0.5)
-    info = {"toy_all_correct": sum(all(m.values()) for m, _ in graded.values()) / len(graded)} if graded else {}
-    return probs, info
+    return probs, checker_info(list(graded.values()))
+
+
+def score(met: dict[str, bool], margin: float) -> float:
+    """An image's checker score in [0, 1]: (requirements met + margin) / (requirements + 1)."""
+    return (sum(met.values()) + margin) / (len(met) + 1)
+
+
+def checker_info(graded: list[tuple[dict[str, bool], float]]) -> dict[str, float]:
+    """What the judge and the scorer log each round: the share of the round's images meeting every requirement
+    (toy_all_correct) and their mean checker score (toy_score)."""
+    if not graded:
+        return {}
+    return {"toy_all_correct": sum(all(m.values()) for m, _ in graded) / len(graded),
+            "toy_score": sum(score(m, g) for m, g in graded) / len(graded)}
 
 
 def scorer(prompts: list[str], images: list[Image.Image]):
-    """The pointwise twin of the judge (for --reward pointwise, the plain-GRPO baseline): (requirements met + margin)
-    / (requirements + 1), in [0, 1], which orders the images of a group as the judge does. info as the judge's."""
+    """The pointwise twin of the judge (for --reward pointwise, the plain-GRPO baseline): each image's score(), which
+    orders the images of a group as the judge does. info as the judge's."""
     graded = [grade_scene(p, im) for p, im in zip(prompts, images)]
-    scores = [(sum(met.values()) + margin) / (len(met) + 1) for met, margin in graded]
-    return scores, ({"toy_all_correct": sum(all(m.values()) for m, _ in graded) / len(graded)} if graded else {})
+    return [score(*g) for g in graded], checker_info(graded)
 
 
 # UniGenBench offline: the toy requirements as UniGenBench sub-criteria, and the checker answering its judge requests
@@ -355,25 +367,24 @@ def write_unigenbench_prompts(path: Path | str, prompts: list[str] = EVAL_PROMPT
     return Path(path)
 
 
-def unigenbench_judge(requests):
-    """unigenbench.py's judge interface, [(judge text, image)] -> [(reply, error, retriable)], answered by the checker
-    in the official reply format. The prompt and checkpoints are read back from the official judge text."""
-    out = []
-    for text, image in requests:
+def unigenbench_judge(texts: list[str], images: list[Image.Image]) -> list[str]:
+    """unigenbench.py's --judge-fn: the official judge text of each image in, a reply in the official
+    <analysis>[...]</analysis><score>[...]</score> format out, from the checker. The prompt and checkpoints are read
+    back from the official text; a text that is not a toy-world request gets a reply without a score (a failed
+    judgment)."""
+    replies = []
+    for text, image in zip(texts, images):
         prompt = re.search(r"<prompt>(.*?)</prompt>", text, re.DOTALL)
         names = re.search(r"<checkpoint>(.*?)</checkpoint>", text, re.DOTALL)
         try:
             met, names = check(prompt.group(1), image), ast.literal_eval(names.group(1))  # repr() of the names
             kinds = [{v: k for k, v in CRITERIA.items()}[n] for n in names]
         except (AttributeError, ValueError, KeyError, SyntaxError) as err:
-            out.append((None, f"not a toy-world request ({type(err).__name__}: {err})", False))
+            replies.append(f"not a toy-world request ({type(err).__name__}: {err})")
             continue
         analysis = [f"{k}: {'met' if met[k] else 'not met'} (pixel checker)" for k in kinds]
-        out.append((f"<analysis>{analysis!r}</analysis><score>{[int(met[k]) for k in kinds]!r}</score>", None, True))
-    return out
-
-
-unigenbench_judge.where = "--judge-local toy (the toy world's pixel checker)"
+        replies.append(f"<analysis>{analysis!r}</analysis><score>{[int(met[k]) for k in kinds]!r}</score>")
+    return replies
 
 
 # ======================================================================================================================
@@ -656,27 +667,16 @@ def pretrained_model(progress: bool = True, settings: Settings = SETTINGS) -> Pa
 # Evaluation and the RL demo's settings
 # ======================================================================================================================
 # The RL demo on this world, a preset of pref_grpo (`python pref_grpo.py` with no --model runs --preset toy_world:DEMO):
-# the world's model, prompts, judge and checker by name, and the RL values.
+# the world's model, prompts, judge, scorer and checker by name, and the RL values measured to learn (docs/toy_world.md).
 DEMO = dict(model="toy_world:pretrained_model", prompts="toy_world:TRAIN_PROMPTS", eval_prompts="toy_world:EVAL_PROMPTS",
-            judge_fn="toy_world:judge", scorer_fn="toy_world:scorer", eval_fn="toy_world:grade", resolution=32,
-            sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8, lora_rank=16,
-            lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40, sample_every=20, eval_every=40,
-            eval_seeds=4, eval_count=15, eta=0.3)
-
-
-def grade(prompts: list[str], images: list[Image.Image]) -> list[dict[str, float]]:
-    """pref_grpo's --eval-fn: per image, all requirements met (checker_accuracy) and each kind its prompt requires."""
-    return [{"checker_accuracy": float(all(r.values())), **{f"checker_accuracy_{k}": float(v) for k, v in r.items()}}
-            for r in (check(p, im) for p, im in zip(prompts, images))]
-
-
-def demo_argv(model: Path | str, prompts_file: Path | str, **overrides) -> list[str]:
-    """pref_grpo command-line flags for the demo (DEMO, overridden by keyword), ready for pref_grpo.parse_args."""
-    argv = ["--model", str(model), "--prompts", str(prompts_file)]
-    for name, value in {**DEMO, **overrides}.items():
-        flag = "--" + name.replace("_", "-")
-        argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return argv
+            judge_fn="toy_world:judge", scorer_fn="toy_world:scorer", eval_fn="toy_world:grade",
+            resolution=32, sample_steps=8, shift=None, max_sequence_length=16,
+            group_size=8, prompts_per_step=4, lora_rank=16, lora_alpha=32.0, lr=3e-4, accum=8,
+            # SDE noise on 2 consecutive steps only, strong, every transition of them trained: the reward's differences
+            # are credited to few random draws (with SDE on every step, eta 0.3, nothing was learnt)
+            sde_window=2, eta=0.7, train_fraction=1.0,
+            train_steps=480, save_every=80, sample_every=40, eval_every=120,
+            eval_count=len(EVAL_PROMPTS), eval_seeds=18)  # 14 held-out prompts x 18 seeds = 252 images
 
 
 def evaluate(pipe, prompts: list[str] = EVAL_PROMPTS, seeds: int = 8, steps: int | None = None,
