@@ -67,7 +67,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda r: "requir
 class Args:
     # --- model and data
     model: str | None = None
-    """pipeline hub id or folder (FLUX, SD3); tiny, tiny-sd3: random, for smoke tests; module:function returning one"""
+    """hub id or folder: FLUX.1, SD3, Qwen-Image, Z-Image, FLUX.2 [klein]; tiny, tiny-sd3: random; or module:function"""
     preset: str | None = None
     """a recipe's values under the flags given: a name in PRESETS or module:NAME (a dict); tiny models: tiny"""
     prompts: str | None = None
@@ -95,7 +95,7 @@ class Args:
     resolution: int = 720
     """image height and width in pixels (a multiple of the model's latent patch: 16 for FLUX.1-dev)"""
     guidance: float = 3.5
-    """FLUX.1-dev's distilled guidance embedding; SD3 has none"""
+    """FLUX.1-dev's distilled guidance embedding (the other families have none)"""
     cfg_scale: float = 1.0
     """true classifier-free guidance in sampling and training forwards (doubles their batch); 1: off; SD3.5: 4.5"""
     eta: float = 0.7
@@ -219,6 +219,10 @@ PRESETS = {
     "pref-grpo-flux": PAPER_RUN,  # the paper's run: 0bd1a34 finetune_prefgrpo_flux.sh + train_flux_pref_grpo.py
     "pref-grpo-flux-head": HEAD_RUN,  # 3e787f6 scripts/full_train/ur_think_prefgrpo_flux.sh + _common_finetune.sh
     "pref-grpo-flux-head-lora": {**HEAD_RUN, "full": False, "lora_rank": 64, "lora_alpha": 128.0},  # scripts/lora/...
+    # 3e787f6 scripts/full_train/ur_think_prefgrpo_qwenimage.sh and scripts/lora/lora_ur_think_prefgrpo_qwenimage.sh
+    "pref-grpo-qwen-image": {**HEAD_RUN, "model": "Qwen/Qwen-Image", "sample_steps": 20},
+    "pref-grpo-qwen-image-lora": {**HEAD_RUN, "model": "Qwen/Qwen-Image", "sample_steps": 20, "full": False,
+                                  "lr": 1e-4, "lora_rank": 64, "lora_alpha": 128.0},
     # The smoke test on the random tiny models (seconds on a CPU), with the colour judge and prompts of this file.
     "tiny": dict(resolution=32, sample_steps=8, shift=None, group_size=8, prompts_per_step=4, lr=3e-4, accum=8,
                  lora_rank=16, lora_alpha=32.0, max_sequence_length=16, train_steps=120, save_every=40,
@@ -362,13 +366,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
 # 1. Sampling: the flow ODE turned into an SDE with the same marginals, and each step's Gaussian log-prob
 # ======================================================================================================================
 def sigma_schedule(pipe, steps: int, image_seq_len: int, shift: float | None = None) -> torch.Tensor:
-    """steps + 1 noise levels from 1 to 0 by diffusers' scheduler: a fixed shift (official: 3) or FLUX's dynamic one."""
+    """steps + 1 noise levels from 1 to 0 by diffusers' scheduler: a fixed shift (official: 3; no terminal stretch)
+    or the model's own (FLUX, Qwen-Image: mu by image size; FLUX.2 [klein]: by image size and step count)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
     scheduler, cfg = pipe.scheduler, pipe.scheduler.config
     if shift is not None:
-        scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift)
-    mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
-                         cfg.max_shift) if scheduler.config.use_dynamic_shifting else None
+        scheduler = type(scheduler).from_config(cfg, use_dynamic_shifting=False, shift=shift, shift_terminal=None)
+    mu = (None if not scheduler.config.use_dynamic_shifting else compute_empirical_mu(image_seq_len, steps)
+          if family(pipe) == "klein" else calculate_shift(image_seq_len, cfg.base_image_seq_len,
+                                                          cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift))
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu, device="cpu")
     return scheduler.sigmas.float().clone()
 
@@ -709,7 +716,7 @@ def train_step(pipe, params, optimizer, batch: dict, adv: torch.Tensor, args: Ar
 
 
 # ======================================================================================================================
-# Models: FLUX or SD3 from the hub or a folder, or a tiny random one built offline (one code path for all)
+# Models: FLUX.1, SD3, Qwen-Image, Z-Image or FLUX.2 [klein] (hub id or folder), or a tiny random one built offline
 # ======================================================================================================================
 COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
 TINY_PROMPTS = [f"a red {thing}" for thing in ("apple", "car", "house", "bird", "boat", "flower")]
@@ -771,8 +778,12 @@ def tiny_pipeline(model: str = "tiny", seed: int = 0):
                         text_encoder_2=t5, **parts)
 
 
-def is_sd3(pipe) -> bool:
-    return type(pipe).__name__.startswith("StableDiffusion3")
+FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "QwenImagePipeline": "qwen",
+            "ZImagePipeline": "zimage", "Flux2KleinPipeline": "klein"}  # the pipeline classes handled here
+
+
+def family(pipe) -> str:
+    return FAMILIES[type(pipe).__name__]
 
 
 def hub_error(name: str, err: Exception, what: str) -> str:
@@ -804,7 +815,8 @@ def check_model_name(name: str, what: str) -> None:
 
 
 def load_pipeline(model: str, device=None, dtype=None):
-    """`tiny`, `tiny-sd3`, or a FLUX or SD3 pipeline (hub id or folder) on `device`, frozen (training unfreezes)."""
+    """`tiny`, `tiny-sd3`, or a pipeline of a family in FAMILIES (hub id or folder) on `device`, frozen (training
+    unfreezes)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model in ("tiny", "tiny-sd3"):
         pipe = tiny_pipeline(model)
@@ -816,8 +828,9 @@ def load_pipeline(model: str, device=None, dtype=None):
             pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError, TypeError, KeyError) as err:  # missing files, bad id, gated, offline, corrupt
             sys.exit(hub_error(model, err, "--model"))
-        if not type(pipe).__name__.startswith(("Flux", "StableDiffusion3")):
-            sys.exit(f"error: --model {model!r} is a {type(pipe).__name__}; only FLUX and SD3 pipelines are handled")
+        if type(pipe).__name__ not in FAMILIES:
+            sys.exit(f"error: --model {model!r} is a {type(pipe).__name__}; supported: FLUX.1, SD3, Qwen-Image, "
+                     f"Z-Image, FLUX.2 [klein] ({', '.join(FAMILIES)})")
     pipe.to(device).set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -825,9 +838,15 @@ def load_pipeline(model: str, device=None, dtype=None):
     return pipe
 
 
-# The official LoRA targets (peft matches name suffixes): attention, including SD3.5's second one, and feed-forwards.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+# The official LoRA targets (peft matches name suffixes; CodeGoat24/Pref-GRPO fastvideo/train_*.py at 3e787f6): FLUX
+# and SD3 attention (SD3.5's second one too) and feed-forwards; Qwen-Image both streams' attention (train_qwenimage.py
+# line 1466); Z-Image attention (train_zimage.py line 1615); klein both block kinds (train_flux2_klein.py 1097-1111).
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS = {"flux": ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+                "qwen": ATTENTION, "zimage": ATTENTION[:4], "klein": ["attn." + m for m in ATTENTION] + [
+                    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                    "attn.to_qkv_mlp_proj"]}
+LORA_TARGETS["sd3"] = LORA_TARGETS["flux"]
 
 
 def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
@@ -838,8 +857,10 @@ def trainable_parameters(pipe, args: Args) -> list[torch.nn.Parameter]:
         transformer.requires_grad_(True)
     else:
         from peft import LoraConfig
-        transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
-                                           target_modules=LORA_TARGETS))  # official: Kaiming-uniform A, zero B
+        with torch.random.fork_rng(devices=[]):  # the adapter's random A from --seed too (torch seeds at random)
+            torch.manual_seed(args.seed)
+            transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=True,
+                                               target_modules=LORA_TARGETS[family(pipe)]))  # official: Kaiming A, 0 B
     for p in (p for p in transformer.parameters() if p.requires_grad):
         p.data = p.data.float()
     if args.full and world_size() > 1:
@@ -857,76 +878,126 @@ def adapters_off(transformer):
         transformer.enable_adapters()
 
 
-# The model-specific parts, FLUX and SD3 side by side: text encoding, latent layout, the transformer call, decoding.
+# The model-specific parts, family by family: text encoding, latent layout, the transformer call, decoding.
 def encode_prompts(pipe, prompts: list[str], max_sequence_length: int = 512, negative: bool = False) -> dict:
-    """Text conditioning, one row per prompt (encoders frozen): FLUX = CLIP pooled + T5 sequence; SD3 = CLIP-L and
-    CLIP-G pooled (concatenated) + [CLIP-L | CLIP-G, T5] sequence. `negative` adds the empty prompt's, for CFG."""
-    t5, dev = pipe.tokenizer_3 if is_sd3(pipe) else pipe.tokenizer_2, pipe.transformer.device
-    n = min(max_sequence_length, t5.model_max_length)
+    """Text conditioning, one row per prompt (encoders frozen), by the pipeline's own encode_prompt: FLUX = CLIP pooled
+    + T5 sequence; SD3 = CLIP-L and CLIP-G pooled + [CLIP-L | CLIP-G, T5] sequence; Qwen-Image = Qwen2.5-VL sequence
+    and its mask; Z-Image = a list of unpadded Qwen3 sequences; klein = Qwen3 layers 9, 18, 27 side by side.
+    `negative` adds the empty prompt's, for CFG."""
+    fam, dev = family(pipe), pipe.transformer.device
+    tok = pipe.tokenizer_3 if fam == "sd3" else pipe.tokenizer_2 if fam == "flux" else pipe.tokenizer
+    n = min(max_sequence_length, tok.model_max_length)
     with torch.no_grad():
-        if is_sd3(pipe):
+        if fam == "sd3":
             out = pipe.encode_prompt(prompts, None, None, device=dev, do_classifier_free_guidance=False,
                                      max_sequence_length=n)
             cond = {"embeds": out[0], "pooled": out[2]}
-        else:  # (embeds, pooled, text_ids)
+        elif fam == "flux":  # (embeds, pooled, text_ids)
             cond = dict(zip(("embeds", "pooled", "text_ids"), pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, device=dev, max_sequence_length=n)))
+        elif fam == "qwen":  # the empty prompt in the same batch: one padded length, the mask marks the padding
+            embeds, mask = pipe.encode_prompt(prompts + [""] * negative, dev, max_sequence_length=min(n, 1024))
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=dev) if mask is None else mask
+            cond = {"embeds": embeds, "mask": mask}
+            return {**select(cond, slice(len(prompts))), **({"neg": select(cond, -1)} if negative else {})}
+        elif fam == "zimage":  # a copy: its encode_prompt writes the chat template into the list it is given
+            cond = {"embeds": pipe.encode_prompt(list(prompts), dev, False, max_sequence_length=n)[0]}
+        else:
+            cond = dict(zip(("embeds", "text_ids"), pipe.encode_prompt(prompts, dev, max_sequence_length=n)))
     if negative:
         cond["neg"] = select(encode_prompts(pipe, [""], max_sequence_length), 0)
     return cond
 
 
+ROWS = ("embeds", "pooled", "mask")  # the per-sample conditioning; text ids are shared by all rows
+
+
 def select(cond: dict, index) -> dict:
-    """The conditioning rows of some samples (text_ids and the empty prompt's "neg" are shared by all rows)."""
-    return {k: (v[index] if k in ("embeds", "pooled") else v) for k, v in cond.items()}
+    """The conditioning rows of some samples (text ids and the empty prompt's "neg" are shared by all rows)."""
+    def rows(v):  # Z-Image's sequences are a list (a list of one for a single index)
+        return [v[i] for i in torch.as_tensor(index).reshape(-1).tolist()] if isinstance(v, list) else v[index]
+    return {k: (rows(v) if k in ROWS else v) for k, v in cond.items()}
 
 
-def latent_geometry(pipe, resolution: int) -> tuple[int, torch.Tensor | None]:
-    """Image-token count (FLUX's shift depends on it) and positional ids: FLUX packs latents to (B, tokens, 4C) with
-    ids; SD3 keeps (B, C, H, W) and its transformer cuts patches itself, no ids."""
-    multiple = pipe.vae_scale_factor * (pipe.transformer.config.patch_size if is_sd3(pipe) else 2)
+def latent_geometry(pipe, resolution: int) -> tuple[int, torch.Tensor | list | None]:
+    """Image-token count (the dynamic shifts depend on it) and positional ids: FLUX packs latents to (B, tokens, 4C)
+    with 3-coordinate ids, klein to (B, tokens, 4C) with 4-coordinate ids, Qwen-Image to (B, tokens, 4C) with its
+    img_shapes; SD3 and Z-Image keep (B, C, H, W) and their transformers cut patches themselves."""
+    fam = family(pipe)
+    multiple = pipe.vae_scale_factor * (pipe.transformer.config.patch_size if fam == "sd3" else 2)
     if resolution % multiple:
         sys.exit(f"error: --resolution must be a multiple of {multiple} for this model (got {resolution})")
-    side = resolution // pipe.vae_scale_factor
-    if is_sd3(pipe):
-        return (side // pipe.transformer.config.patch_size) ** 2, None
-    ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, pipe.transformer.device, pipe.transformer.dtype)
+    side = resolution // multiple
+    if fam in ("sd3", "zimage"):
+        return side ** 2, None
+    if fam == "qwen":
+        return side ** 2, [(1, side, side)]
+    if fam == "klein":
+        return side ** 2, pipe._prepare_latent_ids(torch.empty(1, 0, side, side)).to(pipe.transformer.device)
+    ids = pipe._prepare_latent_image_ids(1, side, side, pipe.transformer.device, pipe.transformer.dtype)
     return ids.shape[0], ids
 
 
 def initial_noise(pipe, n: int, resolution: int, generator) -> torch.Tensor:
     """n Gaussian latents in the model's layout (a list of generators gives each image its own seed)."""
-    sd3, channels = is_sd3(pipe), pipe.transformer.config.in_channels
-    x = pipe.prepare_latents(n, channels if sd3 else channels // 4, resolution, resolution, torch.float32,
+    unpacked, channels = family(pipe) in ("sd3", "zimage"), pipe.transformer.config.in_channels
+    x = pipe.prepare_latents(n, channels if unpacked else channels // 4, resolution, resolution, torch.float32,
                              pipe.transformer.device, generator)
-    return x if sd3 else x[0]  # FLUX also returns its positional ids
+    return x[0] if isinstance(x, tuple) else x  # FLUX and klein also return their positional ids
 
 
 def velocity(pipe, x, sigma, cond: dict, img_ids, guidance: float, cfg_scale: float = 1.0) -> torch.Tensor:
-    """Flow-matching velocity at noise level sigma (a number or one per row): FLUX takes timestep = sigma and a guidance
-    embedding, SD3 1000 sigma. cfg_scale != 1: classifier-free guidance."""
-    transformer, n = pipe.transformer, x.shape[0]
+    """Flow-matching velocity at noise level sigma (a number or one per row). The timestep the transformer takes:
+    sigma (FLUX, Qwen-Image, klein), 1000 sigma (SD3), 1 - sigma (Z-Image, which predicts the negative velocity).
+    guidance: FLUX.1-dev's distilled guidance embedding. cfg_scale != 1: v_neg + cfg_scale (v_pos - v_neg)."""
+    transformer, n, fam = pipe.transformer, x.shape[0], family(pipe)
     t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(n)  # float32 in sampling and training
-    if cfg_scale != 1:
-        both = {**cond, **{k: torch.cat([cond["neg"][k].expand_as(cond[k]), cond[k]]) for k in ("embeds", "pooled")}}
+    if cfg_scale != 1 and not pipe.config.get("is_distilled"):  # klein-4B: guidance-distilled; its pipeline ignores CFG
+        neg = cond["neg"]
+        both = {**cond, **{k: neg[k] * n + cond[k] if isinstance(cond[k], list) else
+                           torch.cat([neg[k].expand_as(cond[k]), cond[k]]) for k in neg if k in ROWS}}
         v_neg, v_pos = velocity(pipe, torch.cat([x, x]), torch.cat([t, t]), both, img_ids, guidance).chunk(2)
-        return v_neg + cfg_scale * (v_pos - v_neg)
-    # The text embeddings carry the pipeline's dtype; transformer.dtype would walk every submodule on each call.
-    kwargs = dict(hidden_states=x.to(cond["embeds"].dtype), pooled_projections=cond["pooled"],
-                  encoder_hidden_states=cond["embeds"], return_dict=False)
+        v = v_neg + cfg_scale * (v_pos - v_neg)
+        # Qwen-Image's pipeline brings each guided token back to the norm of its conditional velocity
+        return v * (v_pos.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True)) if fam == "qwen" else v
+    embeds = cond["embeds"]
+    dtype = (embeds[0] if isinstance(embeds, list) else embeds).dtype  # not transformer.dtype: a walk of its modules
+    kwargs = dict(hidden_states=x.to(dtype), encoder_hidden_states=embeds, return_dict=False)
     with torch.autocast("cuda", torch.bfloat16, enabled=x.device.type == "cuda"):
-        if is_sd3(pipe):
-            return transformer(timestep=1000 * t, **kwargs)[0]
+        if fam == "sd3":
+            return transformer(timestep=1000 * t, pooled_projections=cond["pooled"], **kwargs)[0]
+        if fam == "qwen":  # the mask only where a row has padding, as the pipeline passes it
+            mask = None if bool(cond["mask"].all()) else cond["mask"]
+            return transformer(timestep=t, encoder_hidden_states_mask=mask, img_shapes=img_ids, **kwargs)[0]
+        if fam == "zimage":  # lists in and out, one (C, 1, H, W) latent per image; it predicts x0 - noise = -v
+            out = transformer(list(x.to(dtype).unsqueeze(2).unbind(0)), 1 - t, embeds, return_dict=False)[0]
+            return -torch.stack(out).squeeze(2)
+        if fam == "klein":
+            return transformer(timestep=t, txt_ids=cond["text_ids"], img_ids=img_ids, **kwargs)[0]
         g = torch.full((n,), guidance, device=x.device) if transformer.config.guidance_embeds else None
-        return transformer(timestep=t, guidance=g, txt_ids=cond["text_ids"], img_ids=img_ids, **kwargs)[0]
+        return transformer(timestep=t, guidance=g, pooled_projections=cond["pooled"], txt_ids=cond["text_ids"],
+                           img_ids=img_ids, **kwargs)[0]
 
 
 @torch.no_grad()
 def decode(pipe, latents, resolution: int) -> list[Image.Image]:
-    """Latents -> PIL images through the VAE (FLUX's packed latents are unpacked to (B, C, H, W) first)."""
-    x = latents if is_sd3(pipe) else pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
-    x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(x.to(pipe.vae.dtype)).sample, output_type="pil")
+    """Latents -> PIL images through the VAE, each family's latents unpacked and un-normalised as its pipeline does."""
+    fam, vae = family(pipe), pipe.vae
+    if fam in ("flux", "qwen"):
+        latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+    if fam == "qwen":  # a video VAE: one frame; per-channel statistics
+        mean, std = (torch.tensor(vae.config["latents_" + k]).view(1, -1, 1, 1, 1).to(latents) for k in ("mean", "std"))
+        image = vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
+    elif fam == "klein":  # tokens back in place by their ids, the VAE's batch-norm statistics, 2x2 patches undone
+        ids = latent_geometry(pipe, resolution)[1].expand(len(latents), -1, -1)
+        x = pipe._unpack_latents_with_ids(latents, ids)
+        std = torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+        x = x * std.view(1, -1, 1, 1).to(x) + vae.bn.running_mean.view(1, -1, 1, 1).to(x)
+        image = vae.decode(pipe._unpatchify_latents(x).to(vae.dtype), return_dict=False)[0]
+    else:
+        x = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 @torch.no_grad()
@@ -1335,7 +1406,8 @@ def shard_transformer(transformer) -> None:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     cuda = transformer.device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
-    for name in ("transformer_blocks", "single_transformer_blocks"):  # FLUX has both kinds, SD3 the first
+    # FLUX and klein have both kinds of blocks, SD3 and Qwen-Image the first; Z-Image its refiners and layers
+    for name in ("transformer_blocks", "single_transformer_blocks", "noise_refiner", "context_refiner", "layers"):
         for block in getattr(transformer, name, []):
             fully_shard(block, mp_policy=mp)
     fully_shard(transformer, mp_policy=mp)
