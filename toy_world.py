@@ -2,10 +2,10 @@
 prompts whose requirements are known exactly, a pixel checker that grades an image against its prompt, a graded
 pairwise judge built on that checker, and a tiny FLUX pretrained on the world once (minutes on 2 CPU cores) and cached.
 
-The world: filled squares and thin horizontal bars in red, green, blue or yellow on white, one to three of them, all of
-one colour and shape, anywhere or in a named half. 120 prompts:
+The world: filled squares and thin horizontal bars in red, green, blue or yellow on white, one or two of them, of one
+colour and shape, anywhere or in a named half. 80 prompts:
   "a red square"                       requires colour, shape, count (exactly one object)
-  "three blue bars"                    colour, shape, count (exactly three)
+  "two blue bars"                      colour, shape, count (exactly two)
   "two green squares at the top"       ... and side (every object's centre in the named half)
 TRAIN_PROMPTS and EVAL_PROMPTS are disjoint; the model is pretrained and RL-trained on TRAIN_PROMPTS only, so
 EVAL_PROMPTS measure whether what it learnt carries over to new combinations of the same words.
@@ -56,7 +56,7 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 204, 0), "blue": (0, 0, 255), "yello
 # Two shapes a 1M-parameter model tells apart at 32 px: a filled square and a thin horizontal bar (width / height 1
 # against 3-6). Circles, squares and triangles came out as the same blob (docs/toy_world.md).
 SHAPES = ["square", "bar"]
-NUMBERS = {"a": 1, "two": 2}
+NUMBERS = {"a": 1, "two": 2}  # "three" made count the bottleneck (docs/toy_world.md)
 SIDES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 KINDS = ["colour", "shape", "count", "side"]
 
@@ -95,7 +95,7 @@ def parse_prompt(prompt: str) -> Spec:
 
 
 def all_prompts() -> list[str]:
-    """Every prompt of the grammar, in a fixed order: 4 colours x 2 shapes x 3 counts x (anywhere + 4 sides) = 120."""
+    """Every prompt of the grammar, in a fixed order: 4 colours x 2 shapes x 2 counts x (anywhere + 4 sides) = 80."""
     return [prompt_text(Spec(c, s, n, side)) for n in NUMBERS.values() for side in [None, *SIDES] for c in COLOURS
             for s in SHAPES]
 
@@ -103,7 +103,7 @@ def all_prompts() -> list[str]:
 def split_prompts(eval_every: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
     """Hold out one prompt in `eval_every` of each template (count x anywhere-or-sided; seeded shuffle), so the eval
     set covers every kind of requirement while each held-out prompt is a new combination of words the training
-    prompts all use. 99 training prompts, 21 held out."""
+    prompts all use. 66 training prompts, 14 held out."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     templates: dict[tuple, list[str]] = {}
@@ -123,9 +123,9 @@ TRAIN_PROMPTS, EVAL_PROMPTS = split_prompts()
 # ======================================================================================================================
 # Drawing a scene
 # ======================================================================================================================
-# (width, height) ranges in pixels per shape and count: as large as fits in one half (three with room between them).
-SIZES = {("square", 1): ((10, 13),) * 2, ("square", 2): ((8, 10),) * 2, ("square", 3): ((6, 8),) * 2,
-         ("bar", 1): ((12, 14), (3, 4)), ("bar", 2): ((10, 13), (3, 3)), ("bar", 3): ((9, 12), (3, 3))}
+# (width, height) ranges in pixels per shape and count: as large as fits in one half, two with room between them.
+SIZES = {("square", 1): ((10, 13),) * 2, ("square", 2): ((8, 10),) * 2,
+         ("bar", 1): ((12, 14), (3, 4)), ("bar", 2): ((10, 13), (3, 3))}
 GAP = 3  # empty pixels between two objects, so objects of one colour never merge into one region
 
 
@@ -394,8 +394,8 @@ def unigenbench_judge(texts: list[str], images: list[Image.Image]) -> list[str]:
 class Settings:
     """Everything the pretrained model depends on; the cache folder is named after a hash of these."""
     scenes: int = 10_000       # training pictures drawn from TRAIN_PROMPTS (one random seed each)
-    vae_steps: int = 200       # autoencoder optimizer steps
-    flux_steps: int = 2000     # rectified-flow optimizer steps of the transformer
+    vae_steps: int = 400       # autoencoder optimizer steps (200: reconstruction mse 0.027, 400: 0.006)
+    flux_steps: int = 4000     # rectified-flow optimizer steps of the transformer
     batch_size: int = 32       # transformer batch
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
@@ -623,7 +623,7 @@ def verify(folder: Path) -> None:
 def check_round_trip(pipe, folder: Path) -> None:
     """The saved folder must load through the trainer's loader and give the same tokens and text features."""
     loaded = pref_grpo.load_pipeline(str(folder), "cpu")
-    probe = ["three green bars at the bottom", "a yellow square", ""]
+    probe = ["two green bars at the bottom", "a yellow square", ""]
     for name in ("tokenizer", "tokenizer_2"):
         a, b = getattr(pipe, name), getattr(loaded, name)
         if a(probe)["input_ids"] != b(probe)["input_ids"] or a.model_max_length != b.model_max_length:
