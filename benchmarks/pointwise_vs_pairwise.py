@@ -1,26 +1,23 @@
-"""Pointwise vs pairwise reward on the tiny offline model: a miniature of Pref-GRPO's "illusory advantage" experiment.
+"""Pointwise vs pairwise reward on the toy world: plain GRPO on a score against Pref-GRPO on win rates, one checker.
 
-    python benchmarks/pointwise_vs_pairwise.py   # 2 rewards x 3 seeds x 120 steps, 2 processes: minutes on 2 CPU cores
+    python benchmarks/pointwise_vs_pairwise.py   # 2 rewards x 3 seeds x the demo's 480 rounds, one run at a time
 
-writes docs/pointwise_vs_pairwise.png (curves over steps + held-out samples), and under runs/pointwise_vs_pairwise/
+writes docs/pointwise_vs_pairwise.png (curves over rounds + held-out samples), and under runs/pointwise_vs_pairwise/
 one run directory per (reward, seed) (metrics.jsonl, sample grids, eval/) and summary.json. Quick look:
 
-    python benchmarks/pointwise_vs_pairwise.py --seeds 1 --steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
+    python benchmarks/pointwise_vs_pairwise.py --seeds 1 --train-steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
     python benchmarks/pointwise_vs_pairwise.py --plot-only   # redraw the plot and summary.json from finished runs
 
-The toy (the README section "Pointwise vs pairwise" says it at length; a toy, not evidence about real reward models):
-  * one judge opinion per image:  q = closeness to the prompt's colour + FLAW_WEIGHT * flaw(image),
-    closeness = 1 - colour_distance / sqrt(3) in [0, 1]; the flaw (`--flaw`) is brightness (mean luminance, the
-    default: the analogue of over-saturated images that score well) or contrast (pixel std).
-  * pointwise scorer (`--reward pointwise`): sees one image alone and reports q with measurement noise (std
-    POINT_NOISE, in units of q), squeezed into the narrow band SCORE_BAND, as MLLM scorers give near-identical
-    scores to a group.
-  * pairwise judge (the default reward): sees two images side by side and says which is better, from the same opinion
-    q with the same flaw weight, but less noise (std PAIR_NOISE per image, fresh for every pair). Assumption: a
-    relative judgment is less noisy than an absolute one.
-  * ground truth, which neither judge sees: the colour distance (`pref_grpo.colour_distance`), and the flaw
-    feature staying near its starting level.
-The policy is the trainer's `--model tiny` (a random tiny FLUX) with its `demo` preset, at 16 px.
+Flags this script does not know go to every run's pref_grpo.parse_args (e.g. --train-steps, --lr, --eval-seeds).
+
+Every run is the demo (`python pref_grpo.py`, the preset toy_world:DEMO) with one flag changed or not:
+  * pairwise (Pref-GRPO, the demo itself): toy_world.judge compares two images of a group (more requirements met
+    wins, then the larger checker margin; exact ties 0.5); each image's reward is its win rate in the group.
+  * pointwise (plain GRPO, `--reward pointwise`): toy_world.scorer scores each image alone, (requirements met +
+    margin) / (requirements + 1), which orders a group exactly as the judge does; the scores are the reward.
+Both are z-scored inside the group by the same code; only what gets z-scored differs: a score, whose gaps keep their
+sizes, or a win rate, which is the image's rank in its group. The ground truth is the checker's all-correct verdict on
+held-out prompts and seeds, which neither reward sees (they see the training prompts' samples and margins).
 """
 
 from __future__ import annotations
@@ -28,11 +25,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pref_grpo.py lives in the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pref_grpo.py and toy_world.py live in the repo root
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -43,128 +39,46 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image, ImageDraw
 
-FLAW = "brightness"
-"""what the judges like besides the right colour: `brightness` (mean luminance) or `contrast` (pixel std)"""
-FLAW_WEIGHT = 1.0
-"""how much the judges' opinion likes the flaw, the same for the pointwise scorer and the pairwise judge"""
-POINT_NOISE = 0.01
-"""std of the pointwise scorer's measurement noise, in units of the opinion q (about a group's spread of q)"""
-PAIR_NOISE = 0.005
-"""std of the pairwise judge's noise on each image's perceived opinion, drawn afresh for every compared pair"""
-SCORE_BAND = (0.25, 0.35)
-"""the pointwise scores' range (q from 0 to its largest possible value is mapped linearly onto it)"""
-
 REWARDS = ("pairwise", "pointwise")
 COLOURS = {"pairwise": (31, 119, 180), "pointwise": (230, 97, 1)}
+KINDS = ("colour", "shape", "count", "side")
 
 
 # ======================================================================================================================
-# The toy judges
+# The rewards, as the demo has them, plus one number about each round's groups
 # ======================================================================================================================
-def closeness(prompt: str, image: Image.Image) -> float:
-    """1 - colour distance / sqrt(3): 1 when the mean colour is the prompt's colour, 0 at the opposite corner."""
-    import pref_grpo as pg
-
-    return 1 - pg.colour_distance(prompt, image) / math.sqrt(3)
-
-
-def contrast(image: Image.Image) -> float:
-    """Pixel contrast: the std of the pixel values over the image, averaged over R, G, B (in [0, 0.5])."""
-    return float((np.asarray(image.convert("RGB"), dtype=np.float64) / 255).std(axis=(0, 1)).mean())
+def tied_groups(graded: list[tuple[dict, float]], size: int) -> float:
+    """Share of groups (consecutive blocks of `size` graded images) whose images all meet as many requirements: their
+    whole reward spread, and after the z-score a full-size advantage, comes from the checker's margin alone."""
+    met = [sum(m.values()) for m, _ in graded]
+    blocks = [met[k:k + size] for k in range(0, len(met), size)]
+    return sum(len(set(b)) == 1 for b in blocks) / max(len(blocks), 1)
 
 
-def brightness(image: Image.Image) -> float:
-    """Mean luminance (ITU-R BT.601 weights) in [0, 1]; a pure red image has 0.299, a pure yellow one 0.886."""
-    return float((np.asarray(image.convert("RGB"), dtype=np.float64) / 255 @ np.array([0.299, 0.587, 0.114])).mean())
+def tracked(reward: str, group_size: int):
+    """toy_world's judge (pairwise) or scorer (pointwise), logging `toy_tied_groups` besides their own numbers. The
+    trainer asks for a group's pairs (or images) together, group after group, so a group is a block of the call."""
+    import toy_world as tw
 
+    if reward == "pointwise":
+        def scorer(prompts, images):
+            scores, info = tw.scorer(prompts, images)
+            graded = [tw.grade_scene(p, im) for p, im in zip(prompts, images)]
+            return scores, {**info, "toy_tied_groups": tied_groups(graded, group_size)}
+        return scorer
 
-FLAWS = {"brightness": (brightness, 1.0), "contrast": (contrast, 0.5)}  # name: (feature, its largest value)
-
-
-def opinion(prompt: str, image: Image.Image, flaw_weight: float = FLAW_WEIGHT, flaw: str = FLAW) -> float:
-    """The judges' underlying opinion of one image: the right colour, plus the flaw (they also like `flaw`)."""
-    return closeness(prompt, image) + flaw_weight * FLAWS[flaw][0](image)
-
-
-def image_noise(prompt: str, image: Image.Image) -> float:
-    """A standard normal draw fixed by the image's pixels and prompt: a scorer at temperature 0 gives the same image
-    the same score every time, yet its error looks random from one image to the next."""
-    digest = hashlib.blake2b(prompt.encode() + image.tobytes(), digest_size=8).digest()
-    return float(np.random.default_rng(int.from_bytes(digest, "little")).standard_normal())
-
-
-def image_stats(prompts, images, flaw_weight: float, flaw: str) -> dict:
-    """What the judge saw, averaged over the distinct images of a call; lands in metrics.jsonl through the info dict."""
-    seen = {}
-    for p, im in zip(prompts, images):
-        seen.setdefault(id(im), (p, im))
-    import pref_grpo as pg
-
-    q = [opinion(p, im, flaw_weight, flaw) for p, im in seen.values()]
-    f = [FLAWS[flaw][0](im) for _, im in seen.values()]
-    d = [pg.colour_distance(p, im) for p, im in seen.values()]
-    return {"toy_opinion": float(np.mean(q)), "toy_flaw": float(np.mean(f)), "colour_distance": float(np.mean(d))}
-
-
-def against_opinion(reward_gap: float, opinion_gap: float) -> float:
-    """1 if a reward orders two images against the judge's own noise-free opinion, 0 if with it, 0.5 on a tie."""
-    product = reward_gap * opinion_gap
-    return 0.5 if product == 0 else float(product < 0)
-
-
-def make_pointwise_scorer(flaw_weight: float = FLAW_WEIGHT, noise: float = POINT_NOISE, band=SCORE_BAND,
-                          flaw: str = FLAW, group_size: int | None = None):
-    """(prompts, images) -> (scores, info): each image judged alone, score = band(q + noise), in the narrow band.
-    Given the trainer's group size, info also has `toy_flipped`: the share of a group's pairs that the scores order
-    against the noise-free opinion, i.e. how much of the z-scored advantage is noise."""
-    lo, hi = band
-    top = 1 + flaw_weight * FLAWS[flaw][1]  # the largest opinion an image can get
-
-    def scorer(prompts, images):
-        q = [opinion(p, im, flaw_weight, flaw) for p, im in zip(prompts, images)]
-        scores = [min(hi, max(lo, lo + (hi - lo) * (x + noise * image_noise(p, im)) / top))
-                  for x, p, im in zip(q, prompts, images)]
-        info = image_stats(prompts, images, flaw_weight, flaw)
-        if group_size:
-            pairs = [(g + i, g + j) for g in range(0, len(q), group_size) for i in range(group_size)
-                     for j in range(i + 1, group_size)]
-            flipped = [against_opinion(scores[i] - scores[j], q[i] - q[j]) for i, j in pairs]
-            info["toy_flipped"] = float(np.mean(flipped))
-        return scores, info
-
-    scorer.flaw, scorer.flaw_weight, scorer.noise, scorer.band = flaw, flaw_weight, noise, band
-    return scorer
-
-
-def comparison_noise(prompt: str, a: Image.Image, b: Image.Image) -> tuple[float, float]:
-    """Two standard normal draws, one per image, fixed by the pair (in either order): each comparison the judge makes
-    misperceives both images afresh, and asking again about the same pair, A/B swapped, gives the same answer.
-    An image compared with an identical copy is a tie."""
-    first, second = sorted([a.tobytes(), b.tobytes()])
-    if first == second:
-        return 0.0, 0.0
-    digest = hashlib.blake2b(prompt.encode() + first + second, digest_size=8).digest()
-    e1, e2 = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(2)
-    return (float(e1), float(e2)) if a.tobytes() == first else (float(e2), float(e1))
-
-
-def make_pairwise_judge(flaw_weight: float = FLAW_WEIGHT, noise: float = PAIR_NOISE, flaw: str = FLAW):
-    """(prompts, images_a, images_b) -> (1 / 0 / 0.5 per pair, info): a hard verdict, A beats B when the judge's
-    perceived opinion of A is higher; each image is perceived as q + noise * N(0, 1), drawn afresh for every pair.
-    info's `toy_flipped`: the share of verdicts against the noise-free opinion."""
+    pairs = group_size * (group_size - 1) // 2
 
     def judge(prompts, images_a, images_b):
-        probs, flipped = [], []
-        for p, a, b in zip(prompts, images_a, images_b):
-            ea, eb = comparison_noise(p, a, b)
-            q_gap = opinion(p, a, flaw_weight, flaw) - opinion(p, b, flaw_weight, flaw)
-            perceived_gap = q_gap + noise * (ea - eb)
-            probs.append(0.5 if perceived_gap == 0 else float(perceived_gap > 0))
-            flipped.append(against_opinion(probs[-1] - 0.5, q_gap))
-        info = image_stats(list(prompts) * 2, list(images_a) + list(images_b), flaw_weight, flaw)
-        return probs, {**info, "toy_flipped": float(np.mean(flipped)) if flipped else 0.0}
-
-    judge.flaw, judge.flaw_weight, judge.noise = flaw, flaw_weight, noise
+        probs, info = tw.judge(prompts, images_a, images_b)
+        graded = []
+        for k in range(0, len(prompts), pairs):  # each group's distinct images, in first-seen order
+            seen = {}
+            for p, a, b in zip(prompts[k:k + pairs], images_a[k:k + pairs], images_b[k:k + pairs]):
+                for im in (a, b):
+                    seen.setdefault(id(im), (p, im))
+            graded += [tw.grade_scene(p, im) for p, im in seen.values()]
+        return probs, {**info, "toy_tied_groups": tied_groups(graded, group_size)}
     return judge
 
 
@@ -180,54 +94,38 @@ def one_thread() -> None:
 
 
 def run_one(task: dict) -> dict:
-    """One training run: `pref_grpo.train` with this script's judge for its reward; its output goes to log.txt."""
+    """One training run: the demo preset, this reward, this seed; its output goes to log.txt."""
     import pref_grpo as pg
 
     run_dir = Path(task["dir"])
-    shutil.rmtree(run_dir, ignore_errors=True)  # train() appends to metrics.jsonl: start clean
+    shutil.rmtree(run_dir, ignore_errors=True)  # train() refuses a folder that holds a run: start clean
+    args = pg.parse_args(["--preset", "toy_world:DEMO", "--reward", task["reward"], "--seed", str(task["seed"]),
+                          "--output-dir", str(run_dir), "--eval-every", str(task["eval_every"]), *task["flags"]])
     run_dir.mkdir(parents=True)
-    args = pg.parse_args(["--model", "tiny", "--reward", task["reward"], "--seed", str(task["seed"]),
-                          "--output-dir", str(run_dir),
-                          "--train-steps", str(task["steps"]), "--resolution", str(task["resolution"]),
-                          "--sample-every", str(task["steps"]), "--save-every", str(task["steps"]), "--device", "cpu"])
-    judge = (make_pairwise_judge(task["flaw_weight"], task["pair_noise"], task["flaw"]) if task["reward"] == "pairwise"
-             else make_pointwise_scorer(task["flaw_weight"], task["point_noise"], flaw=task["flaw"],
-                                        group_size=args.group_size))
     with open(run_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        pg.train(args, judge=judge)
+        pg.train(args, judge=tracked(task["reward"], args.group_size))
     return collect(task)
 
 
 def collect(task: dict) -> dict:
-    """A finished run's held-out results (eval/eval.json), plus the held-out images' flaw feature (the second check)."""
-    run_dir = Path(task["dir"])
-    if not (run_dir / "eval" / "eval.json").is_file():
-        raise SystemExit(f"error: {run_dir} has no finished run (eval/eval.json)")
-    import pref_grpo as pg
-
-    result = json.loads((run_dir / "eval" / "eval.json").read_text())
-    args = json.loads((run_dir / "args.json").read_text())  # the held-out images: eval prompts x eval seeds, in order
-    prompts = [p for p in pg.TINY_PROMPTS[:args["eval_count"]] for _ in range(args["eval_seeds"])]
-    for which, when in (("before", "initial"), ("after", "final")):
-        images = [Image.open(f) for f in sorted((run_dir / "eval" / which).glob("*.png"))]
-        assert len(images) == len(prompts), (run_dir, which)
-        result[f"flaw_{when}"] = float(np.mean([FLAWS[task["flaw"]][0](im) for im in images]))
-        result[f"colour_distance_{when}"] = float(np.mean([pg.colour_distance(p, im)
-                                                           for p, im in zip(prompts, images)]))
-    return {**task, **result}
+    """A finished run's held-out results (eval/eval.json) with its settings."""
+    path = Path(task["dir"]) / "eval" / "eval.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {task['dir']} has no finished run (eval/eval.json)")
+    return {**task, **json.loads(path.read_text())}
 
 
 def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
-    """metrics.jsonl -> {metric: values over steps}."""
+    """metrics.jsonl -> {metric: values over rounds} (NaN where a round lacks it, e.g. eval_* between evaluations)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in rows[0]}
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys}
 
 
 def make_tasks(cfg: argparse.Namespace) -> list[dict]:
     """Every (reward, seed), pairwise and pointwise of one seed next to each other."""
-    return [{"reward": r, "seed": s, "dir": str(Path(cfg.out) / f"{r}-seed{s}"), "steps": cfg.steps,
-             "resolution": cfg.resolution, "flaw": cfg.flaw, "flaw_weight": cfg.flaw_weight,
-             "point_noise": cfg.point_noise, "pair_noise": cfg.pair_noise} for s in range(cfg.seeds) for r in REWARDS]
+    return [{"reward": r, "seed": s, "dir": str(Path(cfg.out) / f"{r}-seed{s}"), "eval_every": cfg.eval_every,
+             "flags": cfg.trainer_flags} for s in range(cfg.seeds) for r in REWARDS]
 
 
 def run_all(cfg: argparse.Namespace) -> list[dict]:
@@ -235,6 +133,9 @@ def run_all(cfg: argparse.Namespace) -> list[dict]:
     tasks = make_tasks(cfg)
     if cfg.plot_only:
         return [collect(t) for t in tasks]
+    import toy_world as tw
+
+    tw.pretrained_model()  # once, before the workers start: each would otherwise pretrain its own copy
     if cfg.jobs == 1:
         return [run_one(t) for t in tasks]
     with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn"), initializer=one_thread,
@@ -250,20 +151,18 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def summarize(results: list[dict], tail: int) -> dict:
-    """Per reward: the held-out results and the means of the first and last `tail` training steps; each as the
-    mean, min and max over seeds, and the per-seed values."""
+    """Per reward: held-out results (initial, final, per kind) and the means of the first and last `tail` rounds of the
+    training numbers; each as the mean, min and max over seeds, and the per-seed values."""
     out = {}
     for r in REWARDS:
         runs = [x for x in results if x["reward"] == r]
-        metrics = [read_metrics(Path(x["dir"])) for x in runs]
-        per_seed = {"colour_distance_initial": [x["colour_distance_initial"] for x in runs],
-                    "colour_distance_final": [x["colour_distance_final"] for x in runs],
-                    "flaw_initial": [x["flaw_initial"] for x in runs],
-                    "flaw_final": [x["flaw_final"] for x in runs],
-                    "win_rate_final_vs_initial": [x["win_rate_final_vs_initial"] for x in runs]}
-        for key in ("reward_group_std", "toy_flipped", "adv_abs_mean", "toy_opinion", "colour_distance", "toy_flaw"):
-            per_seed[f"train_{key}_first{tail}"] = [float(np.nanmean(m[key][:tail])) for m in metrics]
-            per_seed[f"train_{key}_last{tail}"] = [float(np.nanmean(m[key][-tail:])) for m in metrics]
+        per_seed = {f"{k}_{when}": [x[f"{k}_{when}"] for x in runs] for when in ("initial", "final")
+                    for k in ["checker_accuracy", *(f"checker_accuracy_{kind}" for kind in KINDS)]}
+        per_seed["win_rate_final_vs_initial"] = [x["win_rate_final_vs_initial"] for x in runs]
+        for x, m in zip(runs, (read_metrics(Path(x["dir"])) for x in runs)):
+            for key in ("toy_all_correct", "toy_score", "reward_group_std", "toy_tied_groups", "adv_abs_mean"):
+                per_seed.setdefault(f"train_{key}_first{tail}", []).append(float(np.nanmean(m[key][:tail])))
+                per_seed.setdefault(f"train_{key}_last{tail}", []).append(float(np.nanmean(m[key][-tail:])))
         out[r] = {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)), "seeds": v}
                   for k, v in per_seed.items()}
     return out
@@ -281,20 +180,20 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def draw_panel(img: Image.Image, box, title: str, series: dict, log: bool = False) -> None:
-    """One line chart in `box` (x0, y0, x1, y1): series = {reward: [per-seed curves]}; thin lines per seed, a thick
-    line for the mean over seeds."""
+    """One line chart in `box` (x0, y0, x1, y1): series = {reward: [per-seed (rounds, values)]}; thin lines per seed,
+    a thick line for the mean over seeds."""
     d = ImageDraw.Draw(img)
     x0, y0, x1, y1 = box
     left, right, top, bottom = x0 + 52, x1 - 12, y0 + 36, y1 - 22
     d.text((x0 + 52, y0 + 4), title, fill="black")
-    curves = [c for cs in series.values() for c in cs]
-    steps = max(len(c) for c in curves)
     f = (lambda v: np.log10(np.maximum(v, 1e-12))) if log else (lambda v: v)
-    vals = np.concatenate([f(c) for c in curves])
+    curves = [(x, f(y)) for cs in series.values() for x, y in cs]
+    last = max(x.max() for x, _ in curves)
+    vals = np.concatenate([y for _, y in curves])
     lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
     pad = (hi - lo) * 0.05 or 0.01
     lo, hi = lo - pad, hi + pad
-    X = lambda i: left + (right - left) * i / max(steps - 1, 1)
+    X = lambda i: left + (right - left) * i / max(last, 1)
     Y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)
     d.rectangle((left, top, right, bottom), outline=(120, 120, 120))
     ticks = [t for t in range(math.floor(lo), math.ceil(hi) + 1) if lo <= t <= hi] if log else nice_ticks(lo, hi)
@@ -302,16 +201,16 @@ def draw_panel(img: Image.Image, box, title: str, series: dict, log: bool = Fals
         d.line((left, Y(t), right, Y(t)), fill=(225, 225, 225))
         label = f"1e{t:d}" if log else f"{t:.3g}"
         d.text((left - 6 - 6 * len(label), Y(t) - 6), label, fill="black")
-    for t in nice_ticks(1, steps, 6):
-        d.text((X(t - 1) - 8, bottom + 4), f"{int(t)}", fill="black")
-    d.text((left - 34, bottom + 4), "step", fill=(90, 90, 90))
+    for t in nice_ticks(0, last, 6):
+        d.text((X(t) - 8, bottom + 4), f"{int(t)}", fill="black")
+    d.text((left - 40, bottom + 4), "round", fill=(90, 90, 90))
     for reward, cs in series.items():
         colour = COLOURS[reward]
         faint = tuple(int(c + (255 - c) * 0.6) for c in colour)
-        for c in cs:
-            d.line([(X(i), Y(v)) for i, v in enumerate(f(c))], fill=faint, width=1)
-        mean = np.mean([f(c) for c in cs], axis=0)
-        d.line([(X(i), Y(v)) for i, v in enumerate(mean)], fill=colour, width=3)
+        for x, y in cs:
+            d.line([(X(i), Y(v)) for i, v in zip(x, f(y))], fill=faint, width=1)
+        mean = np.mean([f(y) for _, y in cs], axis=0)
+        d.line([(X(i), Y(v)) for i, v in zip(cs[0][0], mean)], fill=colour, width=3)
 
 
 def image_row(paths: list[Path], scale: int) -> Image.Image:
@@ -324,44 +223,58 @@ def image_row(paths: list[Path], scale: int) -> Image.Image:
     return row
 
 
+def curve(m: dict, key: str, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rounds, values) of a metric: every round smoothed, or, for eval_* (logged every --eval-every rounds), the
+    rounds that have it, after round 0's value (eval_* start from the initial policy's, eval.json's *_initial)."""
+    if key.startswith("eval_"):
+        rows = ~np.isnan(m[key])
+        return np.concatenate([[0], m["step"][rows]]), np.concatenate([[m["initial"]], m[key][rows]])
+    return m["step"], smooth(m[key], window)
+
+
 def draw_plot(results: list[dict], cfg: argparse.Namespace, path: Path) -> None:
-    """3 x 2 cells: five panels of curves over training steps (smoothed, every seed thin, the mean thick) and a key;
-    then the held-out images of the initial policy and of every final policy (the same prompts and seeds)."""
+    """3 x 2 cells: five panels of curves over rounds (every seed thin, the mean thick) and a key; then held-out images
+    (the first seed of each held-out prompt) of the initial policy and of every final policy."""
     W, PW, PH = 1200, 400, 280
-    metrics = {r: [read_metrics(Path(x["dir"])) for x in results if x["reward"] == r] for r in REWARDS}
-    panels = [(f"proxy: the judges' opinion q\n(closeness + {cfg.flaw_weight:g} x {cfg.flaw}; higher = liked)",
-               "toy_opinion", False),
-              ("ground truth: colour distance to the prompt's\ncolour (lower is better)", "colour_distance", False),
-              (f"the flaw: {cfg.flaw}\n(the judges like it; it is no part of the ground truth)", "toy_flaw", False),
-              ("within-group std of the reward\nthat gets z-scored (log scale)", "reward_group_std", True),
-              ("share of a group's pairs the reward orders\nagainst the judge's noise-free opinion", "toy_flipped",
-               False)]
-    rows = [("initial policy", sorted((Path(results[0]["dir"]) / "eval" / "before").glob("*.png")))]
+    metrics = {}
     for x in results:
-        rows.append((f"{x['reward']} seed {x['seed']}", sorted((Path(x["dir"]) / "eval" / "after").glob("*.png"))))
-    scale = max(1, min(4, (W - 130) // (16 * max(len(p) for _, p in rows))))
+        m = read_metrics(Path(x["dir"]))
+        m["initial"] = x["checker_accuracy_initial"]
+        metrics.setdefault(x["reward"], []).append(m)
+    panels = [("ground truth: held-out images meeting every\nrequirement (prompts and seeds never trained on)",
+               "eval_checker_accuracy", False),
+              ("training samples meeting every requirement", "toy_all_correct", False),
+              ("the proxy: mean checker score of the training\nsamples, (requirements met + margin) / (n + 1)",
+               "toy_score", False),
+              ("within-group std of the reward that gets\nz-scored (log scale)", "reward_group_std", True),
+              ("groups whose images all meet as many\nrequirements (spread from the margin alone)", "toy_tied_groups",
+               False)]
+    seeds = json.loads((Path(results[0]["dir"]) / "args.json").read_text())["eval_seeds"]
+    pick = lambda folder: sorted(folder.glob("*.png"))[::seeds]  # noqa: E731  one image per held-out prompt
+    rows = [("initial policy", pick(Path(results[0]["dir"]) / "eval" / "before"))]
+    rows += [(f"{x['reward']} seed {x['seed']}", pick(Path(x["dir"]) / "eval" / "after")) for x in results]
+    scale = max(1, min(3, (W - 130) // (32 * max(len(p) for _, p in rows))))
     strips = [(label, image_row(p, scale)) for label, p in rows]
     img = Image.new("RGB", (W, 28 + 2 * PH + 30 + sum(s.height + 4 for _, s in strips) + 10), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 8), f"Pointwise (z-scored scores) vs pairwise (z-scored win rates) on the tiny offline FLUX: "
-                    f"{cfg.seeds} seeds each, {cfg.steps} steps, curves smoothed over {cfg.smooth} steps", fill="black")
+    rounds = int(max(m["step"].max() for ms in metrics.values() for m in ms))
+    d.text((10, 8), f"Pointwise (plain GRPO on checker scores) vs pairwise (Pref-GRPO on win rates) on the toy world: "
+                    f"{cfg.seeds} seeds each, {rounds} rounds, training curves smoothed over {cfg.smooth} rounds",
+           fill="black")
     for k, (title, key, log) in enumerate(panels):
         box = (PW * (k % 3), 28 + PH * (k // 3), PW * (k % 3) + PW, 28 + PH * (k // 3) + PH)
-        draw_panel(img, box, title, {r: [smooth(m[key], cfg.smooth) for m in ms] for r, ms in metrics.items()}, log)
+        draw_panel(img, box, title, {r: [curve(m, key, cfg.smooth) for m in ms] for r, ms in metrics.items()}, log)
     x0, y = 2 * PW + 30, 28 + PH + 40
     for r in REWARDS:
         d.line((x0, y + 7, x0 + 30, y + 7), fill=COLOURS[r], width=3)
-        d.text((x0 + 36, y), "pairwise: win rates, side-by-side judge" if r == "pairwise" else
-               "pointwise: scores of the absolute scorer", fill="black")
+        d.text((x0 + 36, y), "pairwise: win rates (the demo, Pref-GRPO)" if r == "pairwise" else
+               "pointwise: checker scores (--reward pointwise)", fill="black")
         y += 20
-    d.text((x0, y + 6), "thin lines: seeds; thick: their mean\n\n"
-                        f"toy judges, one opinion, one flaw ({cfg.flaw_weight:g} x {cfg.flaw}):\n"
-                        f"pointwise noise {cfg.point_noise}, scores in {SCORE_BAND[0]}-{SCORE_BAND[1]}\n"
-                        f"pairwise noise {cfg.pair_noise} per image per comparison\n\n"
-                        "a toy: not evidence about real reward models", fill="black")
+    d.text((x0, y + 6), "thin lines: seeds; thick: their mean\n\nboth rewards order a group the same way:\n"
+                        "requirements met, then the checker's margin", fill="black")
     y = 28 + 2 * PH + 8
-    d.text((10, y), "held-out images (seeds never trained on; the tiny model's prompts are its training prompts): the "
-                    "initial policy, then each final policy", fill="black")
+    d.text((10, y), "held-out images (the first held-out seed of each held-out prompt): the initial policy, then each "
+                    "final policy", fill="black")
     y += 20
     for label, strip in strips:
         d.text((8, y + strip.height // 2 - 6), label, fill=COLOURS.get(label.split()[0], (0, 0, 0)))
@@ -375,48 +288,42 @@ def draw_plot(results: list[dict], cfg: argparse.Namespace, path: Path) -> None:
 # Entry point
 # ======================================================================================================================
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=120, help="training steps of every run")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to every run's trainer.")
     p.add_argument("--seeds", type=int, default=3, help="seeds per reward (0, 1, ...)")
-    p.add_argument("--resolution", type=int, default=16, help="image size in pixels")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--flaw", choices=sorted(FLAWS), default=FLAW, help="what both judges like besides the colour")
-    p.add_argument("--flaw-weight", type=float, default=FLAW_WEIGHT, help="how much both judges like the flaw")
-    p.add_argument("--point-noise", type=float, default=POINT_NOISE, help="pointwise scorer's noise std (q units)")
-    p.add_argument("--pair-noise", type=float, default=PAIR_NOISE,
-                   help="pairwise judge's noise std per image per comparison (q units)")
-    p.add_argument("--smooth", type=int, default=10, help="moving-average window of the plotted curves")
+    p.add_argument("--eval-every", type=int, default=60, help="held-out evaluation every N rounds (curve points)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
+    p.add_argument("--smooth", type=int, default=40, help="moving-average window of the plotted training curves")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot and summary from the runs in --out")
     p.add_argument("--out", default="runs/pointwise_vs_pairwise", help="directory for the runs and summary.json")
     p.add_argument("--plot", default="docs/pointwise_vs_pairwise.png", help="where the PNG goes")
-    return p.parse_args(argv)
+    cfg, cfg.trainer_flags = p.parse_known_args(argv)
+    return cfg
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     results = run_all(cfg)
-    tail = max(1, min(cfg.smooth, cfg.steps))
-    summary = {"settings": vars(cfg) | {"score_band": SCORE_BAND}, "rewards": summarize(results, tail)}
-    if len({round(x["colour_distance_initial"], 9) for x in results}) > 1:
+    rounds = len(read_metrics(Path(results[0]["dir"]))["step"])
+    tail = max(1, min(cfg.smooth, rounds))
+    summary = {"settings": vars(cfg), "rewards": summarize(results, tail)}
+    if len({round(x["checker_accuracy_initial"], 9) for x in results}) > 1:
         print("warning: the runs' held-out images of the initial policy differ: they did not all start from the same "
-              "model (was pref_grpo.py edited while they ran?); rerun before comparing them")
+              "model; rerun before comparing them")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     draw_plot(results, cfg, Path(cfg.plot))
     print(f"mean [min, max] over {cfg.seeds} seeds; held-out: initial -> final policy; "
-          f"training: first -> last {tail} steps")
-    rows = [("held-out colour distance (ground truth, lower is better)", "colour_distance_initial",
-             "colour_distance_final"),
-            (f"held-out {cfg.flaw} (the flaw)", "flaw_initial", "flaw_final"),
-            ("training: judges' opinion q (proxy)", f"train_toy_opinion_first{tail}", f"train_toy_opinion_last{tail}"),
-            ("training: within-group reward std", f"train_reward_group_std_first{tail}",
-             f"train_reward_group_std_last{tail}"),
-            ("training: pairs ordered against q", f"train_toy_flipped_first{tail}", f"train_toy_flipped_last{tail}")]
+          f"training: first -> last {tail} rounds")
+    rows = [(f"held-out all correct{' (' + k + ')' if k else ''}", f"checker_accuracy{'_' + k if k else ''}_initial",
+             f"checker_accuracy{'_' + k if k else ''}_final") for k in ("", *KINDS)]
+    rows += [(f"training: {label}", f"train_{key}_first{tail}", f"train_{key}_last{tail}") for label, key in [
+        ("samples all correct", "toy_all_correct"), ("mean checker score (the proxy)", "toy_score"),
+        ("within-group reward std", "reward_group_std"), ("groups tied on requirements", "toy_tied_groups")]]
     for label, first, last in rows:
         print(label)
         for r, s in summary["rewards"].items():
-            lo, hi = s[last]["min"], s[last]["max"]
-            print(f"  {r:10s} {s[first]['mean']:.4g} -> {s[last]['mean']:.4g} [{lo:.4g}, {hi:.4g}]")
+            print(f"  {r:10s} {s[first]['mean']:.4g} -> {s[last]['mean']:.4g} [{s[last]['min']:.4g}, "
+                  f"{s[last]['max']:.4g}]")
     print(f"plot: {cfg.plot}   runs and summary.json: {cfg.out}")
     return summary
 
