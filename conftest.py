@@ -161,3 +161,17 @@ class LocalServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def one_line_error(r, *needles):
+    """A failed command: non-zero exit, no traceback, exactly one error line, naming each needle."""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]

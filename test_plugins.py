@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import pref_grpo as pg
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parent
 FAST = ["--resolution", "32", "--sample-steps", "3", "--group-size", "3", "--prompts-per-step", "2",
@@ -74,11 +75,6 @@ def run(folder, *flags, timeout=600):
     return subprocess.run([sys.executable, "pref_grpo.py", *flags], cwd=folder, capture_output=True, text=True,
                           env=env, timeout=timeout)
 
-
-def one_line_error(r, *needles):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and all(n in errors[0] for n in needles), r.stderr[-3000:]
 
 
 def metrics(folder):

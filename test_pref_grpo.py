@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 import pref_grpo as pg
-from conftest import HUB_IDS, JSONHandler, LocalServer, offline_env, snapshot, tiny_vlm
+from conftest import (HUB_IDS, JSONHandler, LocalServer, offline_env, one_line_error, read_metrics, snapshot,
+                      tiny_vlm)
 
 ROOT = Path(__file__).resolve().parent
 PROTOCOLS = ROOT.parent / "shared" / "judge-protocols"
@@ -41,19 +42,6 @@ def run_cli(*flags, env=None, cwd=ROOT, script=None, timeout=300):
     return r
 
 
-def one_line_error(r, *needles):
-    """A failed run: non-zero exit, no traceback, exactly one error line naming the culprit."""
-    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_flags(out, *extra):
@@ -279,7 +267,8 @@ def test_position_bias_goes_straight_through_first_and_cancels_on_average_in_bal
         return [1.0] * len(a), {}
 
     images = [solid((i, 0, 0), 2) for i in range(8)]
-    wr = {o: pg.win_rates(pg.judge_groups(first_wins, ["p"], images, 8, o)[0])[0] for o in ("first", "balanced", "both")}
+    wr = {o: pg.win_rates(pg.judge_groups(first_wins, ["p"], images, 8, o)[0])[0]
+          for o in ("first", "balanced", "both")}
     assert torch.allclose(wr["first"], torch.tensor([7 - k for k in range(8)]) / 7.0)  # image 0 wins all, 7 none
     assert all(min(abs(w - 3 / 7), abs(w - 4 / 7)) < 1e-6 for w in wr["balanced"].tolist())  # offset <= 1/14
     assert torch.allclose(wr["both"], torch.full((8,), 0.5))

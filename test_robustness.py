@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pref_grpo as pg
-from conftest import JSONHandler, LocalServer
+from conftest import JSONHandler, LocalServer, one_line_error, read_metrics
 
 ROOT = Path(__file__).resolve().parent
 FAST = ["--model", "tiny", "--resolution", "32", "--sample-steps", "3", "--group-size", "3", "--prompts-per-step", "2",
@@ -26,17 +26,6 @@ def run_cli(*flags, cwd=ROOT, env=None, timeout=300):
                           cwd=cwd, env=env, timeout=timeout)
 
 
-def one_line_error(r, *needles):
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_args(out, *extra):
