@@ -232,8 +232,8 @@ PRESETS = {
 # (beside this file) draws, judges and pretrains a tiny FLUX on. Named, not imported: this file runs without it.
 DEMO_PRESET = "toy_world:DEMO"
 RANGES = {name: interval for interval, names in {  # allowed values, checked when the flags are parsed
-    "[0,inf)": "prompts_per_step sample_batch_size guidance sde_window judge_image_size judge_retries pref_weight clip_weight kl_beta "
-               "weight_decay accum train_batch_size eval_every eval_seeds",
+    "[0,inf)": "prompts_per_step sample_batch_size guidance sde_window judge_image_size judge_retries pref_weight "
+               "clip_weight kl_beta weight_decay accum train_batch_size eval_every eval_seeds",
     "[1,inf)": "train_steps max_sequence_length judge_max_tokens judge_workers lora_rank save_every keep_checkpoints "
                "sample_every eval_count cfg_scale judge_dead_rounds",
     "(0,inf)": "shift judge_timeout judge_retry_seconds adv_clip max_grad_norm lora_alpha", "(0,1)": "clip_range lr",

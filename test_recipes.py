@@ -21,7 +21,8 @@ from conftest import JSONHandler, LocalServer
 
 ROOT = Path(__file__).resolve().parent
 PROTOCOLS = ROOT.parent / "shared" / "judge-protocols"
-TINY = ["--model", "tiny", "--prompts", "pref_grpo:TINY_PROMPTS", "--resolution", "32", "--sample-steps", "4", "--eval-seeds", "0"]
+TINY = ["--model", "tiny", "--prompts", "pref_grpo:TINY_PROMPTS", "--resolution", "32", "--sample-steps", "4",
+        "--eval-seeds", "0"]
 
 
 def fresh(*flags, lr=1e-2):

@@ -77,7 +77,8 @@ class Spec:
 def prompt_text(spec: Spec) -> str:
     """The one English sentence for a spec (the inverse of parse_prompt)."""
     number = next(w for w, n in NUMBERS.items() if n == spec.count)
-    return f"{number} {spec.colour} {spec.shape}{'s' * (spec.count > 1)}" + (f" {SIDES[spec.side]}" if spec.side else "")
+    where = f" {SIDES[spec.side]}" if spec.side else ""
+    return f"{number} {spec.colour} {spec.shape}{'s' * (spec.count > 1)}{where}"
 
 
 _GRAMMAR = re.compile(rf"({'|'.join(NUMBERS)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})s?"
@@ -357,7 +358,8 @@ def write_unigenbench_prompts(path: Path | str, prompts: list[str] = EVAL_PROMPT
     lines = []
     for index, prompt in enumerate(prompts):
         spec = parse_prompt(prompt)
-        described = {"colour": spec.colour, "shape": spec.shape, "count": f"{spec.count} object" + "s" * (spec.count > 1),
+        described = {"colour": spec.colour, "shape": spec.shape,
+                     "count": f"{spec.count} object" + "s" * (spec.count > 1),
                      "side": SIDES.get(spec.side)}
         lines.append(json.dumps({"index": index, "prompt": prompt, "Primary Categories": "Design",
                                  "Secondary Categories": "Design Assets", "Subjects": "Other Entity",
@@ -456,7 +458,8 @@ def build_pipeline(settings: Settings = SETTINGS):
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> (B, 3, H, W) in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    pixels = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def draw_dataset(settings: Settings) -> tuple[list[str], torch.Tensor]:
@@ -667,8 +670,10 @@ def pretrained_model(progress: bool = True, settings: Settings = SETTINGS) -> Pa
 # Evaluation and the RL demo's settings
 # ======================================================================================================================
 # The RL demo on this world, a preset of pref_grpo (`python pref_grpo.py` with no --model runs --preset toy_world:DEMO):
-# the world's model, prompts, judge, scorer and checker by name, and the RL values measured to learn (docs/toy_world.md).
-DEMO = dict(model="toy_world:pretrained_model", prompts="toy_world:TRAIN_PROMPTS", eval_prompts="toy_world:EVAL_PROMPTS",
+# the world's model, prompts, judge, scorer and checker by name, and the RL values measured to learn
+# (docs/toy_world.md).
+DEMO = dict(model="toy_world:pretrained_model", prompts="toy_world:TRAIN_PROMPTS",
+            eval_prompts="toy_world:EVAL_PROMPTS",
             judge_fn="toy_world:judge", scorer_fn="toy_world:scorer", eval_fn="toy_world:grade",
             resolution=32, sample_steps=8, shift=None, max_sequence_length=16,
             group_size=8, prompts_per_step=4, lora_rank=16, lora_alpha=32.0, lr=3e-4, accum=8,

@@ -5,7 +5,8 @@
 writes docs/pointwise_vs_pairwise.png (curves over rounds + held-out samples), and under runs/pointwise_vs_pairwise/
 one run directory per (reward, seed) (metrics.jsonl, sample grids, eval/) and summary.json. Quick look:
 
-    python benchmarks/pointwise_vs_pairwise.py --seeds 1 --train-steps 20 --out runs/pvp-quick --plot runs/pvp-quick/plot.png
+    python benchmarks/pointwise_vs_pairwise.py --seeds 1 --train-steps 20 --out runs/pvp-quick \\
+        --plot runs/pvp-quick/plot.png
     python benchmarks/pointwise_vs_pairwise.py --plot-only   # redraw the plot and summary.json from finished runs
 
 Flags this script does not know go to every run's pref_grpo.parse_args (e.g. --train-steps, --lr, --eval-seeds).

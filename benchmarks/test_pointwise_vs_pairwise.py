@@ -59,7 +59,8 @@ def test_entry_point_writes_the_plot_and_summary(tmp_path, monkeypatch):
                                                                      batch_size=8, vae_batch_size=8))
     shutil.copytree(tiny, tmp_path / "cache" / tw.model_folder().name)
     monkeypatch.setenv("PREF_GRPO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(pvp.Path(pvp.__file__).resolve().parent.parent)  # the demo's module:name plug-ins import from here
+    # the demo's module:name plug-ins import from the repository root
+    monkeypatch.chdir(pvp.Path(pvp.__file__).resolve().parent.parent)
     plot = tmp_path / "plot.png"
     summary = pvp.main(["--seeds", "1", "--smooth", "2", "--eval-every", "1", "--out", str(tmp_path / "runs"),
                         "--plot", str(plot), "--train-steps", "2", "--group-size", "3", "--sample-steps", "3",
