@@ -40,8 +40,10 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1856,6 +1858,20 @@ def finish(run: Run, done: int) -> dict:
     return result
 
 
+def catch_ctrl_c() -> list:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the returned list, which the loop checks after
+    each round: Python drops an exception raised inside a finalizer, and the run would then go on to the end."""
+    stop = []
+
+    def interrupted(*_):
+        stop.append(True)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+        signal.signal(signal.SIGINT, interrupted)
+    return stop
+
+
 def train(args: Args, judge=None) -> dict:
     """The loop: each round samples, judges, computes advantages and updates (sections 1-5). `judge` replaces the one
     the flags name. Under torchrun every process does this for its own groups; rank 0 alone writes files."""
@@ -1863,6 +1879,7 @@ def train(args: Args, judge=None) -> dict:
     bar = tqdm(range(run.start, args.train_steps), initial=run.start, total=args.train_steps, desc="pref-grpo",
                disable=not run.main)
     done = saved = run.start
+    stop = catch_ctrl_c()
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -1879,6 +1896,8 @@ def train(args: Args, judge=None) -> dict:
                 metrics.update({"eval_" + k: v for k, v in evaluate_now(run)[0].items()})
             log_round(run, bar, metrics, prompts, images)
             done = step + 1  # logged: from here on, an interruption saves this round
+            if stop:  # a Ctrl-C whose KeyboardInterrupt a library swallowed (in a finalizer, say) stops here
+                raise KeyboardInterrupt
             if done % args.save_every == 0 or done == args.train_steps:  # every process: FSDP gathers
                 save_checkpoint(run.dir, done, run.pipe, run.optimizer, args, run.rank)
                 saved = done

@@ -18,7 +18,7 @@ FAST = ["--resolution", "32", "--sample-steps", "3", "--group-size", "3", "--pro
         "--eval-seeds", "0", "--max-sequence-length", "16"]
 
 MY_REWARDS = '''
-import json, os
+import json, os, signal
 from PIL import ImageStat
 
 def brightness(image):
@@ -48,6 +48,13 @@ def out_of_range(prompts, images_a, images_b):
 
 def silent(prompts, images_a, images_b):
     return [None] * len(prompts)
+
+def swallows_ctrl_c(prompts, images_a, images_b):  # a Ctrl-C lands in code that drops it (a finalizer, say)
+    try:
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+        pass
+    return prefer(prompts, images_a, images_b)
 
 PROMPTS = ["a lamp", "a candle", "the sun"]
 
@@ -145,6 +152,13 @@ def test_a_judge_that_never_gives_a_verdict_stops_the_run_in_its_first_round(alo
     one_line_error(r, "judge my_rewards:silent", "no verdict in the first round", "6 of 6 judgments failed",
                    "gave no verdict")  # 2 groups of 3: 3 pairs each
     assert not (alone / "run" / "metrics.jsonl").exists()
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_stops_the_run_at_the_end_of_the_round(alone):
+    r = run(alone, "--model", "tiny", "--judge-fn", "my_rewards:swallows_ctrl_c", "--train-steps", "5",
+            "--save-every", "5", *FAST, "--output-dir", "run")
+    assert r.returncode == 130 and "Traceback" not in r.stderr and "--resume run" in r.stderr
+    assert len(metrics(alone / "run")) == 1 and pg.find_checkpoint(str(alone / "run")).name == "step-000001"
 
 
 def repo_imports() -> dict[str, set[str]]:
