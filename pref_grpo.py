@@ -1858,18 +1858,19 @@ def finish(run: Run, done: int) -> dict:
     return result
 
 
-def catch_ctrl_c() -> list:
+def catch_ctrl_c() -> tuple[list, object]:
     """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the returned list, which the loop checks after
-    each round: Python drops an exception raised inside a finalizer, and the run would then go on to the end."""
+    each round: Python drops an exception raised inside a finalizer, and the run would then go on to the end. Also
+    returns the handler it replaced (None off the main thread, where none may be set), for train() to put back."""
     stop = []
 
     def interrupted(*_):
         stop.append(True)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
-        signal.signal(signal.SIGINT, interrupted)
-    return stop
+    if threading.current_thread() is not threading.main_thread():
+        return stop, None
+    return stop, signal.signal(signal.SIGINT, interrupted)
 
 
 def train(args: Args, judge=None) -> dict:
@@ -1879,7 +1880,7 @@ def train(args: Args, judge=None) -> dict:
     bar = tqdm(range(run.start, args.train_steps), initial=run.start, total=args.train_steps, desc="pref-grpo",
                disable=not run.main)
     done = saved = run.start
-    stop = catch_ctrl_c()
+    stop, previous_handler = catch_ctrl_c()
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -1914,6 +1915,9 @@ def train(args: Args, judge=None) -> dict:
         last = f"the last good checkpoint is round {saved}" if saved else "no checkpoint was saved yet"
         sys.exit(f"error: stopped in round {step + 1}: {err}; {last} (resume with a smaller --lr, or with "
                  "--max-grad-norm)" if run.main else 1)
+    finally:  # a program that calls train() gets its own Ctrl-C handler back
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
     return finish(run, done)
 
 

@@ -973,6 +973,18 @@ def test_ctrl_c_saves_the_last_finished_round_and_says_how_to_resume(tmp_path):
     assert pg.find_checkpoint(str(run)).name == f"step-{done:06d}"
 
 
+def test_train_gives_a_calling_program_its_own_ctrl_c_handler_back(tmp_path):
+    def mine(*_):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        pg.train(tiny_args(tmp_path, "--train-steps", "1"))
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_sampling_in_smaller_batches_gives_the_same_round():
     """--sample-batch-size splits a round into batches of whole groups (memory): every group keeps its own noise, so
     the trajectories, log-probs and rationorm's means are the round's, whatever the batch."""
